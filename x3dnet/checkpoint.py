@@ -1,0 +1,380 @@
+"""Checkpoint files: read any published layout without running pickled code, load strictly, write any layout.
+
+Our own format is safetensors with the config and recipe as JSON metadata. A file's layout is told from
+its keys, never from its name; its architecture from its tensor shapes; its training clip (frames and
+crop, which set the head window) from the file's metadata when it has any.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pickle
+import re
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import safetensors
+import safetensors.torch
+import torch
+import yaml
+from torch import Tensor
+
+from . import layouts
+from .errors import CheckpointError
+from .layouts import NATIVE, foreign_name, name_list
+from .model import VARIANTS, X3D, X3DConfig, get_config
+from .recipe import RECIPES, Recipe
+
+_META_FORMAT, _META_CONFIG, _META_RECIPE = "x3dnet.format", "x3dnet.config", "x3dnet.recipe"
+_STATE_KEYS = ("model_state", "state_dict", "model")  # SlowFast and pytorchvideo, mmaction2, others
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A checkpoint read from ``path`` and renamed to x3dnet's keys and shapes."""
+
+    path: Path
+    layout: str  # the key layout the file was written in (layouts.LAYOUTS)
+    state_dict: dict[str, Tensor]
+    # Complete only when the file records its training clip (x3dnet metadata, a SlowFast cfg) or only
+    # one published size has its shapes; XS, S and M weights have the same shapes.
+    config: X3DConfig | None
+    recipe: Recipe | None
+    architecture: dict[str, object] | None  # read off the tensor shapes; None if they are incomplete
+
+    @property
+    def num_classes(self) -> int | None:
+        fc2 = self.state_dict.get("fc2.weight")
+        return None if fc2 is None else fc2.shape[0]
+
+    @property
+    def variants(self) -> tuple[str, ...]:
+        """The published sizes whose tensors have this file's shapes (any number of classes)."""
+        return tuple(n for n, c in VARIANTS.items() if c.architecture() == self.architecture)
+
+    def describe(self) -> str:
+        if self.config is not None and self.config.name in VARIANTS:
+            return self.config.name
+        if self.variants:
+            return " or ".join(self.variants)
+        if self.architecture is None:
+            return "an incomplete X3D"
+        a = self.architecture
+        return f"an X3D of no published size (blocks {_csv(a['depths'])}, widths {_csv(a['widths'])})"
+
+
+def load_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
+    """Read an X3D checkpoint in any supported layout; see the module docstring."""
+    path = Path(path)
+    obj, metadata = _read(path)
+    state_dict, extra = _unwrap(obj, path)
+    found = layouts.detect_layout(state_dict)
+    if found is None:
+        raise CheckpointError(
+            f"{path}: not an X3D checkpoint: its keys match none of the layouts "
+            f"{', '.join(layouts.LAYOUTS)} (first keys: {name_list(state_dict, 4)})"
+        )
+    layout, prefix = found
+    state_dict = {k[len(prefix) :]: v for k, v in state_dict.items()}
+    try:
+        state_dict = layouts.to_native(state_dict, layout)
+    except CheckpointError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    architecture = _architecture(state_dict)
+    recorded, recipe = _recorded_clip(metadata, extra, path)
+    config = _config(architecture, recorded, state_dict)
+    return Checkpoint(path, layout, state_dict, config, recipe, architecture)
+
+
+def load_weights(model: X3D, checkpoint: Checkpoint | str | os.PathLike[str], *, classifier: bool = True,
+                 match_clip: bool = True) -> None:
+    """Load strictly: every missing, unexpected or mis-shaped key is an error that names it (in the
+    file's own names). ``classifier=False`` keeps the model's fc2 (fine-tuning to other classes).
+    ``match_clip`` refuses a file that records another training clip than the model's head window."""
+    ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(checkpoint)
+    cfg = model.config
+    state_dict = ckpt.state_dict
+    expected = model.state_dict()
+    if not classifier:
+        state_dict = {k: v for k, v in state_dict.items() if not k.startswith("fc2.")}
+        expected = {k: v for k, v in expected.items() if not k.startswith("fc2.")}
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    misshaped = [k for k in expected if k in state_dict and state_dict[k].shape != expected[k].shape]
+    if missing or unexpected or misshaped:
+        problems = []
+        if ckpt.variants and cfg.name not in ckpt.variants:
+            problems.append(f"the file looks like {ckpt.describe()}")
+
+        def name(key: str) -> str:
+            return foreign_name(key, ckpt.layout)
+
+        if missing:
+            problems.append(f"{len(missing)} missing: {name_list(map(name, missing))}")
+        if unexpected:
+            problems.append(f"{len(unexpected)} unexpected: {name_list(map(name, unexpected))}")
+        if misshaped:
+            shapes = [f"{name(k)} {_shape(state_dict[k])} vs {_shape(expected[k])}" for k in misshaped]
+            problems.append(f"{len(misshaped)} of the wrong shape (file vs model): {name_list(shapes)}")
+        raise CheckpointError(f"{ckpt.path}: does not fit {cfg.name}: {'; '.join(problems)}")
+    trained = ckpt.config
+    if match_clip and trained is not None and (trained.frames, trained.train_crop) != (cfg.frames, cfg.train_crop):
+        raise CheckpointError(
+            f"{ckpt.path}: trained as {trained.name} on {trained.frames} frames at {trained.train_crop}px, "
+            f"but {cfg.name}'s head pools over {cfg.frames} frames at {cfg.train_crop}px; "
+            f"use the model {trained.name}"
+        )
+    model.load_state_dict(state_dict, strict=classifier)
+
+
+def save_checkpoint(model: X3D, path: str | os.PathLike[str], *, recipe: Recipe | None = None) -> Path:
+    """Write ``model`` in x3dnet's format: safetensors, with its config and recipe as metadata."""
+    return write_checkpoint(model.state_dict(), path, layout=NATIVE, config=model.config, recipe=recipe)
+
+
+def write_checkpoint(state_dict: Mapping[str, Tensor], path: str | os.PathLike[str], *, layout: str,
+                     config: X3DConfig | None = None, recipe: Recipe | None = None,
+                     slowfast_cfg: str | None = None) -> Path:
+    """Write an x3dnet state dict in ``layout``, atomically (a temporary file renamed at the end).
+
+    Files are shaped as their projects write them: SlowFast ``{"model_state", "cfg"}``, pytorchvideo
+    ``{"model_state"}``, mmaction2 ``{"state_dict", "meta"}``. The SlowFast cfg is ``slowfast_cfg``
+    verbatim when given, else a short YAML recording the config's training clip."""
+    path = Path(path)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in layouts.from_native(state_dict, layout).items()}
+    if layout == NATIVE:
+        if config is None:
+            raise CheckpointError(f"{path}: x3dnet's format records the model config; none is known")
+        metadata = {_META_FORMAT: "1", _META_CONFIG: json.dumps(dataclasses.asdict(config))}
+        if recipe is not None:
+            metadata[_META_RECIPE] = json.dumps(recipe.to_dict())
+        return _atomic(path, lambda tmp: safetensors.torch.save_file(tensors, tmp, metadata=metadata))
+    if layout == "slowfast":
+        obj = {"model_state": tensors}
+        cfg = slowfast_cfg or (_slowfast_cfg(config, recipe) if config is not None else None)
+        if cfg:
+            obj["cfg"] = cfg
+    elif layout == "pytorchvideo":
+        obj = {"model_state": tensors}
+    else:
+        obj = {"state_dict": tensors, "meta": {}}
+    return _atomic(path, lambda tmp: torch.save(obj, tmp))
+
+
+@dataclass(frozen=True)
+class Conversion:
+    source: Checkpoint
+    path: Path
+    layout: str
+    tensors: int
+    max_abs_diff: float  # largest probability difference, written file vs source, on a random clip
+
+
+def convert_checkpoint(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, to: str = NATIVE,
+                       model: str | None = None) -> Conversion:
+    """Convert a checkpoint to another layout. The written file is read back and run against the
+    source before it takes its name; ``model`` names the size where the file cannot tell (XS/S/M)."""
+    if to not in layouts.LAYOUTS:
+        raise CheckpointError(f"unknown layout {to!r}; choose one of {', '.join(layouts.LAYOUTS)}")
+    ckpt = load_checkpoint(src)
+    config, recipe = ckpt.config, ckpt.recipe
+    if model is not None:
+        config = get_config(model, num_classes=ckpt.num_classes or 400)
+        load_weights(X3D(config), ckpt)  # refuses a file of another size or training clip
+    if to == NATIVE and config is None:
+        raise CheckpointError(
+            f"{ckpt.path}: cannot tell which model this is ({ckpt.describe()} have the same tensors); "
+            "name it (--model)"
+        )
+    if recipe is None and config is not None:
+        recipe = RECIPES.get(config.name)
+    dst = Path(dst)
+    tmp = dst.with_name(f".{dst.name}.check")
+    try:
+        write_checkpoint(ckpt.state_dict, tmp, layout=to, config=config, recipe=recipe)
+        written = load_checkpoint(tmp)
+        diff = _max_abs_diff(ckpt, written)
+        if not diff <= 1e-5:
+            raise CheckpointError(f"{dst}: converted file computes something else (max |dp| = {diff:.2e})")
+        os.replace(tmp, dst)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return Conversion(ckpt, dst, to, len(layouts.from_native(ckpt.state_dict, to)), diff)
+
+
+def _max_abs_diff(a: Checkpoint, b: Checkpoint) -> float:
+    # Global pooling makes the check independent of the head window, so it needs no training clip
+    # and a small input (4 x 64 x 64) is enough to go through every layer.
+    if a.architecture is None:
+        raise CheckpointError(f"{a.path}: incomplete X3D checkpoint")
+    probe = X3DConfig("probe", frames=1, train_crop=32, num_classes=a.num_classes or 400,
+                      head_pooling="global", **a.architecture)
+    x = torch.randn(2, 3, 4, 64, 64, generator=torch.Generator().manual_seed(0))
+    outputs = []
+    for ckpt in (a, b):
+        net = X3D(probe).eval()
+        load_weights(net, ckpt, match_clip=False)
+        with torch.inference_mode():
+            outputs.append(net(x).softmax(1))
+    return (outputs[0] - outputs[1]).abs().max().item()
+
+
+def _atomic(path: Path, write) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def _read(path: Path) -> tuple[object, dict[str, str]]:
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file")
+    if path.is_dir():
+        raise CheckpointError(f"{path}: is a directory, not a checkpoint file")
+    with open(path, "rb") as f:
+        head = f.read(16)
+    if head.startswith(b"PK\x03\x04"):  # torch.save's zip container
+        return _torch_load(path), {}
+    if head[8:9] == b"{":  # safetensors: a u64 header length, then the JSON header
+        try:
+            with safetensors.safe_open(str(path), framework="pt") as f:
+                return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
+        except Exception as e:  # safetensors raises its own error types for every kind of damage
+            raise CheckpointError(f"{path}: corrupt or truncated safetensors file ({_first_line(e)})") from None
+    if head.startswith(b"\x80"):  # a bare pickle: torch.save's legacy format
+        return _torch_load(path), {}
+    raise CheckpointError(f"{path}: not a checkpoint: neither a PyTorch nor a safetensors file")
+
+
+def _torch_load(path: Path) -> object:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "weights_only" not in str(e).lower().replace(" ", "_"):
+            raise CheckpointError(f"{path}: corrupt PyTorch file ({_first_line(e)})") from None
+        try:
+            names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+        except Exception:  # a legacy (non-zip) file cannot be listed without unpickling it
+            names = re.findall(r"GLOBAL (\S+)", str(e))
+        raise CheckpointError(
+            f"{path}: refused: loading it would run pickled code ({', '.join(names) or 'unknown objects'}); "
+            "x3dnet reads only tensors and plain containers. If you trust the file, save just its "
+            "state dict with torch.save and load that"
+        ) from None
+    except (RuntimeError, EOFError, ValueError, OSError) as e:
+        raise CheckpointError(f"{path}: truncated or corrupt PyTorch file ({_first_line(e)})") from None
+
+
+def _unwrap(obj: object, path: Path) -> tuple[dict[str, Tensor], dict]:
+    """The state dict inside a loaded file, and the file's other top-level entries."""
+    if _is_state_dict(obj):
+        return dict(obj), {}
+    if isinstance(obj, Mapping):
+        for key in _STATE_KEYS:
+            if _is_state_dict(obj.get(key)):
+                return dict(obj[key]), {k: v for k, v in obj.items() if k != key}
+        raise CheckpointError(f"{path}: no state dict in this file (top-level keys: {name_list(map(str, obj), 8)})")
+    raise CheckpointError(f"{path}: no state dict in this file (it holds a {type(obj).__name__})")
+
+
+def _is_state_dict(obj: object) -> bool:
+    return (isinstance(obj, Mapping) and len(obj) > 0
+            and all(isinstance(k, str) and isinstance(v, Tensor) for k, v in obj.items()))
+
+
+def _architecture(sd: Mapping[str, Tensor]) -> dict[str, object] | None:
+    try:
+        depths = []
+        for k in range(2, 6):
+            blocks = {int(m.group(1)) for key in sd if (m := re.fullmatch(rf"res{k}\.(\d+)\.conv_a\.weight", key))}
+            depths.append(len(blocks))
+        first = [f"res{k}.0" for k in range(2, 6)]
+        return {
+            "stem_width": sd["stem.conv_spatial.weight"].shape[0],
+            "depths": tuple(depths),
+            "widths": tuple(sd[f"{b}.conv_c.weight"].shape[0] for b in first),
+            "inner_widths": tuple(sd[f"{b}.conv_a.weight"].shape[0] for b in first),
+            "se_widths": tuple(sd[f"{b}.se.fc1.weight"].shape[0] for b in first),
+            "head_width": sd["fc1.weight"].shape[0],
+        }
+    except (KeyError, IndexError):
+        return None
+
+
+def _recorded_clip(metadata: dict[str, str], extra: dict, path: Path) -> tuple[X3DConfig | tuple | None, Recipe | None]:
+    """What the file says of how it was trained: the whole config (x3dnet metadata), or the training
+    clip (frames, crop) and the recipe from a SlowFast YAML cfg; None where it says nothing."""
+    if _META_CONFIG in metadata:
+        try:
+            fields = json.loads(metadata[_META_CONFIG])
+            config = X3DConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
+            recipe = json.loads(metadata[_META_RECIPE]) if _META_RECIPE in metadata else None
+            return config, Recipe.from_dict(recipe) if recipe else None
+        except (ValueError, TypeError) as e:
+            raise CheckpointError(f"{path}: damaged x3dnet metadata ({_first_line(e)})") from None
+    cfg = extra.get("cfg")
+    if not isinstance(cfg, str):
+        return None, None
+    try:
+        data = (yaml.safe_load(cfg) or {}).get("DATA", {})
+        clip = (int(data["NUM_FRAMES"]), int(data["TRAIN_CROP_SIZE"]))
+    except (yaml.YAMLError, AttributeError, KeyError, TypeError, ValueError):
+        return None, None  # a cfg we cannot read says nothing; the shapes still do
+    try:
+        recipe = Recipe(
+            frames=clip[0], stride=int(data["SAMPLING_RATE"]), train_crop=clip[1],
+            test_short_side=int(data["TRAIN_JITTER_SCALES"][0]), test_crop=int(data["TEST_CROP_SIZE"]),
+            target_fps=int(data.get("TARGET_FPS", 30)),
+            mean=tuple(data.get("MEAN", (0.45,) * 3)), std=tuple(data.get("STD", (0.225,) * 3)),
+        )
+    except (KeyError, IndexError, TypeError, ValueError):
+        recipe = None
+    return clip, recipe
+
+
+def _config(architecture: dict | None, recorded: X3DConfig | tuple | None, sd: Mapping[str, Tensor]) -> X3DConfig | None:
+    if isinstance(recorded, X3DConfig) or architecture is None:
+        return recorded if architecture is not None else None
+    classes = sd["fc2.weight"].shape[0] if "fc2.weight" in sd else 400
+    matches = [c for c in VARIANTS.values() if c.architecture() == architecture]
+    if recorded is not None:
+        frames, crop = recorded
+        same = [c for c in matches if (c.frames, c.train_crop) == recorded]
+        base = same[0] if same else X3DConfig(name="custom", frames=frames, train_crop=crop, **architecture)
+        return base.replace(num_classes=classes)
+    if len(matches) == 1:
+        return matches[0].replace(num_classes=classes)
+    return None
+
+
+def _slowfast_cfg(config: X3DConfig, recipe: Recipe | None) -> str:
+    data = {"NUM_FRAMES": config.frames, "TRAIN_CROP_SIZE": config.train_crop}
+    if recipe is not None:
+        # Only the first jitter scale is known: it is the 1-crop test short side.
+        data.update(SAMPLING_RATE=recipe.stride, TEST_CROP_SIZE=recipe.test_crop, TARGET_FPS=recipe.target_fps,
+                    TRAIN_JITTER_SCALES=[recipe.test_short_side], MEAN=list(recipe.mean), STD=list(recipe.std))
+    model = {"ARCH": "x3d", "MODEL_NAME": "X3D", "NUM_CLASSES": config.num_classes}
+    return yaml.safe_dump({"DATA": data, "MODEL": model}, sort_keys=True)
+
+
+def _shape(t: Tensor) -> str:
+    return "(" + ", ".join(map(str, t.shape)) + ")"
+
+
+def _csv(values: object) -> str:
+    return ",".join(map(str, values))
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0][:200] if text else type(e).__name__

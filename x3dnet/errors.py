@@ -1,0 +1,17 @@
+"""Errors a user can cause. The CLI prints their message as one line and exits non-zero."""
+
+
+class X3DNetError(Exception):
+    """Base of every error caused by input (a file, a name, a flag), not by a bug."""
+
+
+class CheckpointError(X3DNetError, ValueError):
+    """A checkpoint file that cannot be read, is not an X3D, or does not fit the model."""
+
+
+class DownloadError(X3DNetError):
+    """Published weights that could not be fetched or did not check out."""
+
+
+class ConfigError(X3DNetError, ValueError):
+    """An unknown model name or an impossible config."""

@@ -1,0 +1,306 @@
+"""The X3D network: one config dataclass, one table of variants, the forward pass written out.
+
+Numerically the same function as the original (facebookresearch/SlowFast ``X3D``) in eval mode, with
+one deliberate difference in what ``forward`` returns: the original returns probabilities in eval and
+logits in train; ours always returns scores whose softmax is the original's output (see ``X3D.forward``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .errors import ConfigError
+
+HeadPooling = Literal["window", "global"]
+
+
+@dataclass(frozen=True)
+class X3DConfig:
+    """Everything that defines an X3D network. Defaults are X3D-M's."""
+
+    name: str = "x3d_m"
+    # Training clip: the head pools over fixed windows of (frames, ceil(train_crop/32)^2) positions, as
+    # the original does, so these two set the head, and through it what larger inputs compute.
+    frames: int = 16
+    train_crop: int = 224
+    stem_width: int = 24
+    depths: tuple[int, ...] = (3, 5, 11, 7)  # blocks in res2..res5
+    widths: tuple[int, ...] = (24, 48, 96, 192)  # block output widths of res2..res5
+    inner_widths: tuple[int, ...] = (54, 108, 216, 432)  # channel-wise 3x3x3 width, int(2.25 * width)
+    se_widths: tuple[int, ...] = (8, 8, 16, 32)  # squeeze-excitation hidden width per stage
+    head_width: int = 2048  # fc1 (the original's lin_5, "DIM_C5")
+    num_classes: int = 400
+    # "window": the original's fixed AvgPool3d((frames, k, k), stride 1) with k = ceil(train_crop/32);
+    # a larger input gives several windows whose softmaxes are averaged. "global": adaptive average
+    # pooling to one window (mmaction2's choice); identical to "window" at the training crop.
+    head_pooling: HeadPooling = "window"
+    dropout: float = 0.5  # before fc2, training only
+    derived: bool = False  # True for sizes with no published configuration (X3D-XL)
+
+    def __post_init__(self) -> None:
+        if self.head_pooling not in ("window", "global"):
+            raise ConfigError(f"head_pooling must be 'window' or 'global', not {self.head_pooling!r}")
+        stage_fields = (self.depths, self.widths, self.inner_widths, self.se_widths)
+        if any(len(f) != 4 for f in stage_fields):
+            raise ConfigError("depths, widths, inner_widths and se_widths need one entry per stage (4)")
+
+    @property
+    def conv5_width(self) -> int:
+        # The original sizes conv_5 as the last stage's inner width (its "dim_inner"), not separately.
+        return self.inner_widths[-1]
+
+    @property
+    def head_window(self) -> tuple[int, int, int]:
+        side = math.ceil(self.train_crop / 32)  # 312 -> 10: ceil, not floor (spec pitfall 7)
+        return (self.frames, side, side)
+
+    def architecture(self) -> dict[str, object]:
+        """The fields that decide the tensors of a checkpoint (not the head window or the classes)."""
+        names = ("stem_width", "depths", "widths", "inner_widths", "se_widths", "head_width")
+        return {n: getattr(self, n) for n in names}
+
+    def replace(self, **changes: object) -> X3DConfig:
+        return dataclasses.replace(self, **changes)
+
+
+def _round_width(width: float, factor: float, *, minimum: int = 8, divisor: int = 8) -> int:
+    # The 2020 SlowFast rule (also pytorchvideo's and mmaction2's). SlowFast HEAD applies the width
+    # factor with divisor 1, which differs for factors other than 2.0 (spec pitfall 5).
+    x = width * factor
+    out = max(minimum, int(x + divisor / 2) // divisor * divisor)
+    if out < 0.9 * x:
+        out += divisor
+    return int(out)
+
+
+def derive_config(
+    name: str,
+    *,
+    width_factor: float,
+    depth_factor: float,
+    bottleneck_factor: float = 2.25,
+    base_width: int = 12,
+    head_width: int = 2048,
+    frames: int,
+    train_crop: int,
+    num_classes: int = 400,
+) -> X3DConfig:
+    """Apply the X3D expansion rules (2020 SlowFast code) to get the widths and depths of a new size.
+
+    The published sizes are hard-coded in ``VARIANTS`` instead (spec pitfalls 5 and 6); this exists to
+    build sizes with no published configuration, and the tests check it reproduces the table.
+    """
+    bases = [base_width]  # res2 keeps the stem's base width (SCALE_RES2 is False)
+    for _ in range(3):
+        bases.append(_round_width(bases[-1], 2.0))
+    widths = tuple(_round_width(b, width_factor) for b in bases)
+    inner = tuple(int(bottleneck_factor * w) for w in widths)  # truncation, as the original
+    return X3DConfig(
+        name=name,
+        frames=frames,
+        train_crop=train_crop,
+        stem_width=_round_width(base_width, width_factor),
+        # float64, as the original: ceil(2.2 * 5) is 11 here but 12 if 2.2 went through float32.
+        depths=tuple(math.ceil(depth_factor * r) for r in (1, 2, 5, 3)),
+        widths=widths,
+        inner_widths=inner,
+        se_widths=tuple(_round_width(c, 1 / 16) for c in inner),
+        head_width=head_width,
+        num_classes=num_classes,
+        derived=True,
+    )
+
+
+_SMALL = dict(depths=(3, 5, 11, 7), widths=(24, 48, 96, 192), inner_widths=(54, 108, 216, 432))
+VARIANTS: dict[str, X3DConfig] = {
+    "x3d_xs": X3DConfig("x3d_xs", frames=4, train_crop=160, **_SMALL),
+    "x3d_s": X3DConfig("x3d_s", frames=13, train_crop=160, **_SMALL),
+    "x3d_m": X3DConfig("x3d_m", frames=16, train_crop=224, **_SMALL),
+    "x3d_l": X3DConfig("x3d_l", frames=16, train_crop=312, depths=(5, 10, 25, 15)),
+    # No published config: the paper's XL figures (35.84 / 48.42 GMACs, 11.0M params without BN) are
+    # reproduced by width factor 2.9 and depth factor 5.0 with divisor-8 rounding (spec section 2).
+    "x3d_xl": X3DConfig(
+        "x3d_xl",
+        frames=16,
+        train_crop=312,
+        stem_width=32,
+        depths=(5, 10, 25, 15),
+        widths=(32, 72, 136, 280),
+        inner_widths=(72, 162, 306, 630),
+        se_widths=(8, 16, 24, 40),
+        derived=True,
+    ),
+}
+
+
+def get_config(name: str, **overrides: object) -> X3DConfig:
+    """The config of a variant (``"x3d_m"``; ``"X3D-M"`` and ``"m"`` work too), with fields replaced."""
+    key = name.lower().replace("-", "_")
+    key = key if key.startswith("x3d_") else f"x3d_{key}"
+    if key not in VARIANTS:
+        raise ConfigError(f"unknown model {name!r}; choose one of {', '.join(VARIANTS)}")
+    return VARIANTS[key].replace(**overrides)
+
+
+class Stem(nn.Module):
+    """conv1: a spatial 1x3x3 conv (stride 2) then a depthwise temporal 5x1x1 conv, one BN + ReLU."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.conv_spatial = nn.Conv3d(3, width, (1, 3, 3), stride=(1, 2, 2), padding=(0, 1, 1), bias=False)
+        self.conv_temporal = nn.Conv3d(width, width, (5, 1, 1), padding=(2, 0, 0), groups=width, bias=False)
+        self.bn = nn.BatchNorm3d(width)
+
+    def forward(self, x: Tensor) -> Tensor:
+        # No BN or activation between the two convs, and no max-pool (spec pitfall 1).
+        return F.relu(self.bn(self.conv_temporal(self.conv_spatial(x))), inplace=True)
+
+
+class SqueezeExcite(nn.Module):
+    def __init__(self, channels: int, hidden: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(channels, hidden)
+        self.fc2 = nn.Linear(hidden, channels)
+
+    def forward(self, x: Tensor) -> Tensor:
+        # The hidden activation is ReLU, not Swish, whatever the original's docstring says.
+        gate = self.fc2(F.relu(self.fc1(x.mean((2, 3, 4))))).sigmoid()
+        return x * gate[:, :, None, None, None]
+
+
+class Block(nn.Module):
+    """Bottleneck: 1x1x1 -> channel-wise 3x3x3 (+SE) -> Swish -> 1x1x1, plus a shortcut, then ReLU."""
+
+    def __init__(self, c_in: int, c_out: int, c_inner: int, c_se: int, *, stride: int, se: bool) -> None:
+        super().__init__()
+        # Block 0 of every stage has a projection shortcut, res2's too: 24 -> 24 but stride 2.
+        if c_in != c_out or stride != 1:
+            self.shortcut = nn.Conv3d(c_in, c_out, 1, stride=(1, stride, stride), bias=False)
+            self.shortcut_bn = nn.BatchNorm3d(c_out)
+        else:
+            self.shortcut = self.shortcut_bn = None
+        self.conv_a = nn.Conv3d(c_in, c_inner, 1, bias=False)
+        self.bn_a = nn.BatchNorm3d(c_inner)
+        self.conv_b = nn.Conv3d(
+            c_inner, c_inner, 3, stride=(1, stride, stride), padding=1, groups=c_inner, bias=False
+        )
+        self.bn_b = nn.BatchNorm3d(c_inner)
+        self.se = SqueezeExcite(c_inner, c_se) if se else None
+        self.conv_c = nn.Conv3d(c_inner, c_out, 1, bias=False)
+        self.bn_c = nn.BatchNorm3d(c_out)
+
+    def forward(self, x: Tensor) -> Tensor:
+        shortcut = x if self.shortcut is None else self.shortcut_bn(self.shortcut(x))
+        y = F.relu(self.bn_a(self.conv_a(x)), inplace=True)
+        y = self.bn_b(self.conv_b(y))
+        if self.se is not None:
+            y = self.se(y)  # SE sits between the BN and the Swish (spec pitfall 3)
+        y = F.silu(y)
+        y = self.bn_c(self.conv_c(y))
+        return F.relu(shortcut + y, inplace=True)
+
+
+def _stage(c_in: int, c_out: int, c_inner: int, c_se: int, depth: int) -> nn.Sequential:
+    # SE on blocks 0, 2, 4, ... counted within the stage; only block 0 downsamples (space, not time).
+    return nn.Sequential(
+        *(
+            Block(c_in if i == 0 else c_out, c_out, c_inner, c_se, stride=2 if i == 0 else 1, se=i % 2 == 0)
+            for i in range(depth)
+        )
+    )
+
+
+class X3D(nn.Module):
+    """X3D (Feichtenhofer, CVPR 2020). Input ``(B, 3, T, H, W)`` normalised RGB; output ``(B, classes)``."""
+
+    def __init__(self, config: X3DConfig) -> None:
+        super().__init__()
+        self.config = config
+        c = config
+        self.stem = Stem(c.stem_width)
+        c_in = (c.stem_width,) + c.widths[:-1]
+        stages = [_stage(*args) for args in zip(c_in, c.widths, c.inner_widths, c.se_widths, c.depths)]
+        self.res2, self.res3, self.res4, self.res5 = stages
+        self.conv5 = nn.Conv3d(c.widths[-1], c.conv5_width, 1, bias=False)
+        self.conv5_bn = nn.BatchNorm3d(c.conv5_width)
+        self.fc1 = nn.Linear(c.conv5_width, c.head_width, bias=False)  # the original's lin_5: no bias
+        self.dropout = nn.Dropout(c.dropout)
+        self.fc2 = nn.Linear(c.head_width, c.num_classes)
+        self.apply(_init_weights)
+        _init_classifier(self.fc2)
+        for block in self.modules():
+            if isinstance(block, Block):
+                nn.init.zeros_(block.bn_c.weight)  # the original's ZERO_INIT_FINAL_BN
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        """``(B, 3, T, H, W)`` -> the conv5 map ``(B, conv5_width, T, H/32, W/32)``, before pooling."""
+        x = self.stem(x)
+        x = self.res2(x)
+        x = self.res3(x)
+        x = self.res4(x)
+        x = self.res5(x)
+        return F.relu(self.conv5_bn(self.conv5(x)), inplace=True)
+
+    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        """Pool, fc1 + ReLU, fc2; see ``forward``. ``pre_logits``: the fc1 features averaged over windows."""
+        x = self._pool(x)  # (B, C, t, h, w): one position per head window
+        x = x.flatten(2).transpose(1, 2)  # (B, C, t, h, w) -> (B, windows, C)
+        x = self.dropout(F.relu(self.fc1(x), inplace=True))
+        if pre_logits:
+            return x.mean(1)
+        logits = self.fc2(x)  # (B, windows, classes)
+        windows = logits.shape[1]
+        if windows == 1:
+            return logits[:, 0]
+        # The original averages the per-window softmaxes; return the log of that average, so softmax of
+        # the output is exactly the original's probabilities and the output stays a valid logit vector.
+        return torch.logsumexp(F.log_softmax(logits, dim=-1), dim=1) - math.log(windows)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Logits for an input with one head window (the training clip, or any size with "global"
+        pooling); with several windows (larger test crops, longer clips), the log of the
+        window-averaged probabilities. Either way ``forward(x).softmax(1)`` is the original's output."""
+        return self.forward_head(self.forward_features(x))
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """Replace fc2 with a freshly initialised one for ``num_classes`` (fine-tuning)."""
+        self.fc2 = nn.Linear(self.config.head_width, num_classes).to(self.fc1.weight)
+        _init_classifier(self.fc2)
+        self.config = self.config.replace(num_classes=num_classes)
+
+    def _pool(self, x: Tensor) -> Tensor:
+        if self.config.head_pooling == "global":
+            return F.adaptive_avg_pool3d(x, 1)
+        window = self.config.head_window
+        if any(size < w for size, w in zip(x.shape[-3:], window)):
+            t, s = self.config.frames, self.config.train_crop
+            raise ValueError(
+                f"input too small for {self.config.name}'s head window: the conv5 map is "
+                f"{'x'.join(map(str, x.shape[-3:]))}, the window {'x'.join(map(str, window))} "
+                f"(feed at least {t} frames at about {s}x{s}, or use head_pooling='global')"
+            )
+        return F.avg_pool3d(x, window, stride=1)
+
+
+def _init_weights(module: nn.Module) -> None:
+    # Training-time init of the original: MSRA fill (fan_out) for every conv, for fc1 and for the SE
+    # layers (1x1x1 convs there); BN weight 1, bias 0. The classifier is set apart (_init_classifier).
+    if isinstance(module, (nn.Conv3d, nn.Linear)):
+        nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.BatchNorm3d):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+
+
+def _init_classifier(fc: nn.Linear) -> None:
+    nn.init.normal_(fc.weight, std=0.01)
+    nn.init.zeros_(fc.bias)
