@@ -1,0 +1,68 @@
+"""The converters against the reference's own files: the same weights in three published layouts."""
+
+import pytest
+import torch
+
+from conftest import checkpoint_path
+from x3dnet import CheckpointError
+from x3dnet.layouts import BN_EPS, detect_layout, foreign_name, from_native, to_native
+
+NAMES = ["tiny_a", "tiny_b", "x3d_xs"]
+
+
+def state(name, layout):
+    obj = torch.load(checkpoint_path(name, layout), weights_only=True)
+    return obj["state_dict" if layout == "mmaction2" else "model_state"]
+
+
+def assert_same(ours, theirs, atol=0.0):
+    assert list(ours) == list(theirs)  # same keys, in the order the original modules register them
+    for key in theirs:
+        assert ours[key].shape == theirs[key].shape, key
+        torch.testing.assert_close(ours[key], theirs[key], atol=atol, rtol=0, msg=key)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_slowfast_and_mmaction2_are_exact_renames(name):
+    slowfast = state(name, "slowfast")
+    native = to_native(slowfast, "slowfast")
+    assert_same(from_native(native, "slowfast"), slowfast)
+    assert_same(from_native(native, "mmaction2"), state(name, "mmaction2"))
+    assert_same(to_native(state(name, "mmaction2"), "mmaction2"), native)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_pytorchvideo_folds_the_res2_shortcut_bn_as_the_reference_did(name):
+    native = to_native(state(name, "slowfast"), "slowfast")
+    ptv = state(name, "pytorchvideo")
+    # Folding changes two tensors by float rounding only; every other tensor is renamed untouched.
+    assert_same(from_native(native, "pytorchvideo"), ptv, atol=1e-6)
+    assert "res2.0.shortcut_bn.weight" in native and "res3.0.shortcut_bn.weight" in native
+    back = to_native(ptv, "pytorchvideo")
+    assert list(back) == list(native)
+    torch.testing.assert_close(back["res2.0.shortcut_bn.weight"], torch.ones_like(native["res2.0.shortcut_bn.weight"]))
+    torch.testing.assert_close(back["res2.0.shortcut_bn.running_var"], torch.full_like(back["res2.0.shortcut_bn.bias"], 1 - BN_EPS))
+    assert back["res2.0.shortcut_bn.bias"].abs().max() == 0 == back["res2.0.shortcut_bn.running_mean"].abs().max()
+    torch.testing.assert_close(back["res3.0.shortcut_bn.running_var"], native["res3.0.shortcut_bn.running_var"])
+
+
+def test_layouts_are_told_from_keys_with_any_wrapper_prefix():
+    ptv = state("tiny_a", "pytorchvideo")
+    assert detect_layout(ptv) == ("pytorchvideo", "")
+    assert detect_layout({f"module.model.{k}": v for k, v in ptv.items()}) == ("pytorchvideo", "module.model.")
+    assert detect_layout({f"module.{k}": v for k, v in state("tiny_a", "slowfast").items()}) == ("slowfast", "module.")
+    assert detect_layout({"conv1.weight": torch.zeros(1), "fc.weight": torch.zeros(1)}) is None
+
+
+def test_unknown_keys_are_named():
+    slowfast = state("tiny_a", "slowfast")
+    slowfast["s3.pathway0_res0.branch2.a.weights"] = slowfast.pop("s3.pathway0_res0.branch2.a.weight")
+    with pytest.raises(CheckpointError, match=r"keys not in the slowfast layout of X3D: s3\.pathway0_res0\.branch2\.a\.weights$"):
+        to_native(slowfast, "slowfast")
+
+
+def test_foreign_names_for_messages():
+    assert foreign_name("res4.3.se.fc1.weight", "pytorchvideo") == "blocks.3.res_blocks.3.branch2.norm_b.1.block.0.weight"
+    assert foreign_name("res2.0.shortcut_bn.bias", "mmaction2") == "backbone.layer1.0.downsample.bn.bias"
+    assert foreign_name("fc1.weight", "slowfast") == "head.lin_5.weight"
+    assert foreign_name("fc1.weight", "native") == "fc1.weight"
