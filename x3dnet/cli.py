@@ -1,0 +1,153 @@
+"""``x3dnet`` command line: each verb parses its flags and calls one library function."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from collections.abc import Sequence
+
+import torch
+
+from . import __version__
+from .checkpoint import convert_checkpoint, load_checkpoint
+from .errors import X3DNetError
+from .layouts import LAYOUTS
+from .model import VARIANTS, X3D
+from .profile import count_macs, count_params
+from .recipe import RECIPES
+from .weights import WEIGHTS, cached_path, download_weights
+
+
+def _table(rows: list[dict[str, object]]) -> str:
+    widths = {k: max(len(k), *(len(str(r[k])) for r in rows)) for k in rows[0]}
+    lines = ["  ".join(k.ljust(w) for k, w in widths.items())]
+    lines += ["  ".join(str(r[k]).ljust(w) for k, w in widths.items()) for r in rows]
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def models(args: argparse.Namespace) -> None:
+    """The variant table: sizes, parameters and multiply-adds, computed from the code."""
+    rows = []
+    for name, config in VARIANTS.items():
+        recipe = RECIPES[name]
+        with torch.device("meta"):  # shapes only: counting needs no arithmetic
+            model = X3D(config)
+        rows.append({
+            "model": name + (" (derived)" if config.derived else ""),
+            "clip": recipe.clip,
+            "blocks": ",".join(map(str, config.depths)),
+            "params_m": round(count_params(model) / 1e6, 3),
+            "params_m_no_bn": round(count_params(model, batchnorm=False) / 1e6, 3),
+            "gmacs_train": round(count_macs(config) / 1e9, 4),
+            "train_input": f"{config.frames}x{config.train_crop}^2",
+            "gmacs_test": round(count_macs(config, (config.frames, recipe.test_crop, recipe.test_crop)) / 1e9, 4),
+            "test_input": f"{config.frames}x{recipe.test_crop}^2",
+        })
+    _emit(rows, args.json)
+    if not args.json:
+        print("GMACs: multiply-adds of conv and linear layers per clip (the paper's and MODEL_ZOO's 'FLOPs').")
+
+
+def weights_list(args: argparse.Namespace) -> None:
+    rows = []
+    for record in WEIGHTS.values():
+        r = record.recipe
+        if args.json:
+            rows.append({**dataclasses.asdict(record), "cached": cached_path(record).exists()})
+            continue
+        rows.append({
+            "name": record.name,
+            "layout": record.layout,
+            "clip": r.clip,
+            "crop: train / 1-crop / 3-crop": f"{r.train_crop} / {r.test_short_side}->{r.train_crop} / {r.test_crop}",
+            "mean/std": f"{r.mean[0]}/{r.std[0]}",
+            "reported top-1 (views)": ", ".join(
+                f"{a.top1}" + (f"/{a.top5}" if a.top5 else "") + f" ({a.views}"
+                + (", global pool" if a.head_pooling == "global" else "") + ")"
+                for a in record.reported
+            ),
+            "cached": "yes" if cached_path(record).exists() else "",
+        })
+    _emit(rows, args.json)
+
+
+def weights_download(args: argparse.Namespace) -> None:
+    for name in args.names:
+        print(download_weights(name, force=args.force))
+
+
+def inspect(args: argparse.Namespace) -> None:
+    ckpt = load_checkpoint(args.checkpoint)
+    info = {
+        "file": str(ckpt.path),
+        "layout": ckpt.layout,
+        "model": ckpt.describe(),
+        "classes": ckpt.num_classes,
+        "tensors": len(ckpt.state_dict),
+        "config": dataclasses.asdict(ckpt.config) if ckpt.config else None,
+        "recipe": ckpt.recipe.to_dict() if ckpt.recipe else None,
+    }
+    if args.json:
+        print(json.dumps(info))
+    else:
+        print("\n".join(f"{k}: {v}" for k, v in info.items()))
+
+
+def convert(args: argparse.Namespace) -> None:
+    done = convert_checkpoint(args.src, args.dst, to=args.to, model=args.model)
+    print(
+        f"wrote {done.path}: {done.layout} layout, {done.tensors} tensors, from {done.source.layout} "
+        f"({done.source.describe()}); max |dp| vs source {done.max_abs_diff:.1e}"
+    )
+
+
+def _emit(rows: list[dict[str, object]], as_json: bool) -> None:
+    print("\n".join(json.dumps(r) for r in rows) if as_json else _table(rows))
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="x3dnet", description="X3D video recognition networks.")
+    parser.add_argument("--version", action="version", version=f"x3dnet {__version__}")
+    verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+
+    p = verbs.add_parser("models", help="the variants with their parameters and multiply-adds")
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+    p.set_defaults(run=models)
+
+    p = verbs.add_parser("weights", help="the published checkpoints")
+    actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    q = actions.add_parser("list", help="the weights table, with each file's recipe and reported accuracy")
+    q.add_argument("--json", action="store_true", help="one JSON object per line")
+    q.set_defaults(run=weights_list)
+    q = actions.add_parser("download", help="download into the cache ($X3DNET_HOME, default ~/.cache/x3dnet)")
+    q.add_argument("names", nargs="+", metavar="NAME", help="a record (x3d_m.pytorchvideo) or a model (x3d_m)")
+    q.add_argument("--force", action="store_true", help="download again even if cached")
+    q.set_defaults(run=weights_download)
+
+    p = verbs.add_parser("inspect", help="what a checkpoint file holds: layout, model, recipe")
+    p.add_argument("checkpoint")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(run=inspect)
+
+    p = verbs.add_parser("convert", help="convert a checkpoint between layouts (checked by running both)")
+    p.add_argument("src")
+    p.add_argument("dst")
+    p.add_argument("--to", choices=LAYOUTS, default="native", help="target layout (default: native, safetensors)")
+    p.add_argument("--model", help="the variant, where the file cannot tell (XS, S and M share shapes)")
+    p.set_defaults(run=convert)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        args.run(args)
+    except X3DNetError as e:
+        print(f"x3dnet: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("x3dnet: interrupted", file=sys.stderr)
+        return 130
+    return 0
