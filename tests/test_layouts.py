@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-
 from conftest import checkpoint_path
+
 from x3dnet import CheckpointError
 from x3dnet.layouts import BN_EPS, detect_layout, foreign_name, from_native, to_native
 
@@ -41,7 +41,8 @@ def test_pytorchvideo_folds_the_res2_shortcut_bn_as_the_reference_did(name):
     back = to_native(ptv, "pytorchvideo")
     assert list(back) == list(native)
     torch.testing.assert_close(back["res2.0.shortcut_bn.weight"], torch.ones_like(native["res2.0.shortcut_bn.weight"]))
-    torch.testing.assert_close(back["res2.0.shortcut_bn.running_var"], torch.full_like(back["res2.0.shortcut_bn.bias"], 1 - BN_EPS))
+    identity_var = torch.full_like(back["res2.0.shortcut_bn.bias"], 1 - BN_EPS)
+    torch.testing.assert_close(back["res2.0.shortcut_bn.running_var"], identity_var)
     assert back["res2.0.shortcut_bn.bias"].abs().max() == 0 == back["res2.0.shortcut_bn.running_mean"].abs().max()
     torch.testing.assert_close(back["res3.0.shortcut_bn.running_var"], native["res3.0.shortcut_bn.running_var"])
 
@@ -57,12 +58,14 @@ def test_layouts_are_told_from_keys_with_any_wrapper_prefix():
 def test_unknown_keys_are_named():
     slowfast = state("tiny_a", "slowfast")
     slowfast["s3.pathway0_res0.branch2.a.weights"] = slowfast.pop("s3.pathway0_res0.branch2.a.weight")
-    with pytest.raises(CheckpointError, match=r"keys not in the slowfast layout of X3D: s3\.pathway0_res0\.branch2\.a\.weights$"):
+    message = r"keys not in the slowfast layout of X3D: s3\.pathway0_res0\.branch2\.a\.weights$"
+    with pytest.raises(CheckpointError, match=message):
         to_native(slowfast, "slowfast")
 
 
 def test_foreign_names_for_messages():
-    assert foreign_name("res4.3.se.fc1.weight", "pytorchvideo") == "blocks.3.res_blocks.3.branch2.norm_b.1.block.0.weight"
+    ptv = "blocks.3.res_blocks.3.branch2.norm_b.1.block.0.weight"
+    assert foreign_name("res4.3.se.fc1.weight", "pytorchvideo") == ptv
     assert foreign_name("res2.0.shortcut_bn.bias", "mmaction2") == "backbone.layer1.0.downsample.bn.bias"
     assert foreign_name("fc1.weight", "slowfast") == "head.lin_5.weight"
     assert foreign_name("fc1.weight", "native") == "fc1.weight"

@@ -2,8 +2,8 @@ import math
 
 import pytest
 import torch
-
 from conftest import tiny_config, tiny_spec
+
 from x3dnet import VARIANTS, X3D, ConfigError, create_model, derive_config, get_config
 from x3dnet.profile import count_macs, count_params
 from x3dnet.recipe import RECIPES
@@ -67,7 +67,7 @@ def test_expansion_rules_reproduce_the_reference_tiny_models(fixture):
     assert count_params(model) == spec["params"]
     assert len(model.state_dict()) == spec["state_dict_entries"]
     for stage, (name, blocks) in zip(spec["stages"], [("res2", model.res2), ("res3", model.res3),
-                                                      ("res4", model.res4), ("res5", model.res5)]):
+                                                      ("res4", model.res4), ("res5", model.res5)], strict=True):
         assert [i for i, b in enumerate(blocks) if b.se is not None] == stage["se_blocks"], name
 
 

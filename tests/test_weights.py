@@ -34,8 +34,10 @@ def test_the_table_has_every_published_checkpoint():
 def test_names_resolve_to_records():
     assert get_weights("x3d_m") is WEIGHTS["x3d_m.slowfast"]
     assert get_weights("X3D-L") is WEIGHTS["x3d_l.slowfast"]
-    with pytest.raises(CheckpointError, match="x3d_xl: no such file, and no published weights of that name"):
-        get_weights("x3d_xl")
+    with pytest.raises(CheckpointError, match="x3d_xl: no published weights of that name"):
+        create_model("x3d_xl", pretrained=True)
+    with pytest.raises(CheckpointError, match="missing.pth: no such file, and no published weights of that name"):
+        create_model("x3d_m", weights="missing.pth")
 
 
 def test_cache_location(monkeypatch, tmp_path):
@@ -116,7 +118,8 @@ def test_bad_downloads_leave_nothing_in_the_cache(server, tmp_path):
         (server.record("/l.pyth", checkpoint_bytes(tmp_path, "x3d_l")), "is not x3d_xs: .*the file looks like x3d_l"),
         (server.record("/m.pyth", checkpoint_bytes(tmp_path, "x3d_m")), "is not x3d_xs: .*trained as x3d_m"),
         (server.record("/h.pyth", checkpoint_bytes(tmp_path, "x3d_xs"), sha256="deadbeef"), "expected deadbeef"),
-        (dataclasses.replace(WEIGHTS["x3d_xs.slowfast"], url=server.url + "/missing.pyth"), r"cannot download http://127\.0\.0\.1:\d+/missing\.pyth \(HTTP 404 Not Found\)$"),
+        (dataclasses.replace(WEIGHTS["x3d_xs.slowfast"], url=server.url + "/missing.pyth"),
+         r"cannot download http://127\.0\.0\.1:\d+/missing\.pyth \(HTTP 404 Not Found\)$"),
     ]
     for record, message in cases:
         with pytest.raises(DownloadError, match=message):

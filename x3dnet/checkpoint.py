@@ -137,13 +137,12 @@ def save_checkpoint(model: X3D, path: str | os.PathLike[str], *, recipe: Recipe 
 
 
 def write_checkpoint(state_dict: Mapping[str, Tensor], path: str | os.PathLike[str], *, layout: str,
-                     config: X3DConfig | None = None, recipe: Recipe | None = None,
-                     slowfast_cfg: str | None = None) -> Path:
+                     config: X3DConfig | None = None, recipe: Recipe | None = None) -> Path:
     """Write an x3dnet state dict in ``layout``, atomically (a temporary file renamed at the end).
 
     Files are shaped as their projects write them: SlowFast ``{"model_state", "cfg"}``, pytorchvideo
-    ``{"model_state"}``, mmaction2 ``{"state_dict", "meta"}``. The SlowFast cfg is ``slowfast_cfg``
-    verbatim when given, else a short YAML recording the config's training clip."""
+    ``{"model_state"}``, mmaction2 ``{"state_dict", "meta"}``. The SlowFast cfg is a short YAML that
+    records the config's training clip and the recipe, where they are known."""
     path = Path(path)
     tensors = {k: v.detach().cpu().contiguous() for k, v in layouts.from_native(state_dict, layout).items()}
     if layout == NATIVE:
@@ -155,9 +154,8 @@ def write_checkpoint(state_dict: Mapping[str, Tensor], path: str | os.PathLike[s
         return _atomic(path, lambda tmp: safetensors.torch.save_file(tensors, tmp, metadata=metadata))
     if layout == "slowfast":
         obj = {"model_state": tensors}
-        cfg = slowfast_cfg or (_slowfast_cfg(config, recipe) if config is not None else None)
-        if cfg:
-            obj["cfg"] = cfg
+        if config is not None:
+            obj["cfg"] = _slowfast_cfg(config, recipe)
     elif layout == "pytorchvideo":
         obj = {"model_state": tensors}
     else:
@@ -249,7 +247,7 @@ def _read(path: Path) -> tuple[object, dict[str, str]]:
         try:
             with safetensors.safe_open(str(path), framework="pt") as f:
                 return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
-        except Exception as e:  # safetensors raises its own error types for every kind of damage
+        except Exception as e:  # noqa: BLE001 - safetensors raises its own types for each kind of damage
             raise CheckpointError(f"{path}: corrupt or truncated safetensors file ({_first_line(e)})") from None
     if head.startswith(b"\x80"):  # a bare pickle: torch.save's legacy format
         return _torch_load(path), {}
@@ -264,7 +262,7 @@ def _torch_load(path: Path) -> object:
             raise CheckpointError(f"{path}: corrupt PyTorch file ({_first_line(e)})") from None
         try:
             names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
-        except Exception:  # a legacy (non-zip) file cannot be listed without unpickling it
+        except Exception:  # noqa: BLE001 - a legacy (non-zip) file cannot be listed without unpickling it
             names = re.findall(r"GLOBAL (\S+)", str(e))
         raise CheckpointError(
             f"{path}: refused: loading it would run pickled code ({', '.join(names) or 'unknown objects'}); "
@@ -311,7 +309,9 @@ def _architecture(sd: Mapping[str, Tensor]) -> dict[str, object] | None:
         return None
 
 
-def _recorded_clip(metadata: dict[str, str], extra: dict, path: Path) -> tuple[X3DConfig | tuple | None, Recipe | None]:
+def _recorded_clip(
+    metadata: dict[str, str], extra: dict, path: Path
+) -> tuple[X3DConfig | tuple | None, Recipe | None]:
     """What the file says of how it was trained: the whole config (x3dnet metadata), or the training
     clip (frames, crop) and the recipe from a SlowFast YAML cfg; None where it says nothing."""
     if _META_CONFIG in metadata:
@@ -342,9 +342,13 @@ def _recorded_clip(metadata: dict[str, str], extra: dict, path: Path) -> tuple[X
     return clip, recipe
 
 
-def _config(architecture: dict | None, recorded: X3DConfig | tuple | None, sd: Mapping[str, Tensor]) -> X3DConfig | None:
-    if isinstance(recorded, X3DConfig) or architecture is None:
-        return recorded if architecture is not None else None
+def _config(
+    architecture: dict | None, recorded: X3DConfig | tuple | None, sd: Mapping[str, Tensor]
+) -> X3DConfig | None:
+    if architecture is None:
+        return None
+    if isinstance(recorded, X3DConfig):
+        return recorded
     classes = sd["fc2.weight"].shape[0] if "fc2.weight" in sd else 400
     matches = [c for c in VARIANTS.values() if c.architecture() == architecture]
     if recorded is not None:
@@ -376,5 +380,6 @@ def _csv(values: object) -> str:
 
 
 def _first_line(e: BaseException) -> str:
+    """The first sentence of an exception's message: libraries append advice meant for their own users."""
     text = str(e).strip().splitlines()
-    return text[0][:200] if text else type(e).__name__
+    return text[0].split(". ")[0].rstrip(".")[:200] if text else type(e).__name__

@@ -91,8 +91,11 @@ def inspect(args: argparse.Namespace) -> None:
     }
     if args.json:
         print(json.dumps(info))
-    else:
-        print("\n".join(f"{k}: {v}" for k, v in info.items()))
+        return
+    for key, value in info.items():
+        if isinstance(value, dict):
+            value = ", ".join(f"{k}={','.join(map(str, v)) if isinstance(v, tuple) else v}" for k, v in value.items())
+        print(f"{key}: {value}")
 
 
 def convert(args: argparse.Namespace) -> None:

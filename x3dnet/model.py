@@ -118,7 +118,7 @@ def derive_config(
     )
 
 
-_SMALL = dict(depths=(3, 5, 11, 7), widths=(24, 48, 96, 192), inner_widths=(54, 108, 216, 432))
+_SMALL = {"depths": (3, 5, 11, 7), "widths": (24, 48, 96, 192), "inner_widths": (54, 108, 216, 432)}
 VARIANTS: dict[str, X3DConfig] = {
     "x3d_xs": X3DConfig("x3d_xs", frames=4, train_crop=160, **_SMALL),
     "x3d_s": X3DConfig("x3d_s", frames=13, train_crop=160, **_SMALL),
@@ -226,7 +226,7 @@ class X3D(nn.Module):
         c = config
         self.stem = Stem(c.stem_width)
         c_in = (c.stem_width,) + c.widths[:-1]
-        stages = [_stage(*args) for args in zip(c_in, c.widths, c.inner_widths, c.se_widths, c.depths)]
+        stages = [_stage(*args) for args in zip(c_in, c.widths, c.inner_widths, c.se_widths, c.depths, strict=True)]
         self.res2, self.res3, self.res4, self.res5 = stages
         self.conv5 = nn.Conv3d(c.widths[-1], c.conv5_width, 1, bias=False)
         self.conv5_bn = nn.BatchNorm3d(c.conv5_width)
@@ -279,7 +279,7 @@ class X3D(nn.Module):
         if self.config.head_pooling == "global":
             return F.adaptive_avg_pool3d(x, 1)
         window = self.config.head_window
-        if any(size < w for size, w in zip(x.shape[-3:], window)):
+        if any(size < w for size, w in zip(x.shape[-3:], window, strict=True)):
             t, s = self.config.frames, self.config.train_crop
             raise ValueError(
                 f"input too small for {self.config.name}'s head window: the conv5 map is "

@@ -114,7 +114,7 @@ def get_weights(name: str) -> WeightsRecord:
         model = None
     if model is not None and f"{model}.slowfast" in WEIGHTS:
         return WEIGHTS[f"{model}.slowfast"]
-    raise CheckpointError(f"{name}: no such file, and no published weights of that name (see `x3dnet weights list`)")
+    raise CheckpointError(f"{name}: no published weights of that name (see `x3dnet weights list`)")
 
 
 def cache_dir() -> Path:
@@ -133,7 +133,11 @@ def resolve_weights(weights: str | os.PathLike[str]) -> Path:
     path = Path(weights)
     if path.exists():
         return path
-    return download_weights(get_weights(str(weights)))
+    try:
+        record = get_weights(str(weights))
+    except CheckpointError:
+        raise CheckpointError(f"{weights}: no such file, and no published weights of that name") from None
+    return download_weights(record)
 
 
 def download_weights(record: WeightsRecord | str, *, force: bool = False, progress: bool = True) -> Path:
@@ -153,7 +157,7 @@ def download_weights(record: WeightsRecord | str, *, force: bool = False, progre
         try:
             load_weights(X3D(get_config(record.model)), load_checkpoint(tmp))
         except CheckpointError as e:
-            raise DownloadError(f"{record.name}: downloaded file from {record.url} is not {record.model}: {e}") from None
+            raise DownloadError(f"{record.name}: the file from {record.url} is not {record.model}: {e}") from None
         os.replace(tmp, dest)
     finally:
         tmp.unlink(missing_ok=True)
@@ -181,7 +185,9 @@ def _fetch(record: WeightsRecord, out, *, progress: bool) -> str:
             f"Put the file at {cached_path(record)} or pass its path as weights"
         ) from None
     if total is not None and received != total:
-        raise DownloadError(f"{record.name}: download from {record.url} stopped after {received} of {total} bytes")
+        raise DownloadError(
+            f"{record.name}: download from {record.url} stopped after {received} of {total} bytes"
+        )
     return digest.hexdigest()
 
 
