@@ -105,22 +105,28 @@ def tiny():
     return model.eval()
 
 
-def test_one_window_gives_logits_and_several_give_log_mean_probabilities(tiny):
+def test_one_window_gives_logits(tiny):
     x = torch.randn(2, 3, 4, 64, 64)
     with torch.no_grad():
         features = tiny.forward_features(x)
-        assert features.shape == (2, 144, 4, 2, 2)
-        logits = tiny.fc2(tiny.forward_head(features, pre_logits=True))
-        torch.testing.assert_close(tiny(x), logits)
+        assert features.shape == (2, 144, 4, 2, 2)  # exactly one 4x2x2 head window
+        torch.testing.assert_close(tiny(x), tiny.fc2(tiny.forward_head(features, pre_logits=True)))
 
-        big = torch.randn(2, 3, 4, 96, 96)  # conv5 map 3x3, head window 2x2: 4 windows
-        features = tiny.forward_features(big)
-        windows = [features[..., i:i + 2, j:j + 2].mean((2, 3, 4)) for i in (0, 1) for j in (0, 1)]
+
+@pytest.mark.parametrize("crop,side", [(96, 3), (128, 4)])  # 2x2 windows (XS/S/M at test), 3x3 (L at test)
+def test_several_windows_give_the_log_of_the_mean_window_probabilities(tiny, crop, side):
+    x = torch.randn(2, 3, 4, crop, crop)
+    with torch.no_grad():
+        features = tiny.forward_features(x)
+        assert features.shape[-2:] == (side, side)
+        starts = range(side - 1)  # the 2x2 head window at stride 1
+        windows = [features[..., i:i + 2, j:j + 2].mean((2, 3, 4)) for i in starts for j in starts]
         per_window = torch.stack([tiny.fc2(torch.relu(tiny.fc1(w))).softmax(1) for w in windows])
-        out = tiny(big)
+        out = tiny(x)
     torch.testing.assert_close(out.softmax(1), per_window.mean(0), atol=1e-6, rtol=0)
     torch.testing.assert_close(out.exp().sum(1), torch.ones(2))  # already normalised log-probabilities
-    assert not torch.allclose(out.softmax(1), tiny.fc2(torch.relu(tiny.fc1(torch.stack(windows).mean(0)))).softmax(1))
+    pooled_logits = tiny.fc2(torch.relu(tiny.fc1(torch.stack(windows).mean(0))))
+    assert not torch.allclose(out.softmax(1), pooled_logits.softmax(1), atol=1e-3)
 
 
 def test_global_pooling_equals_window_pooling_at_the_training_crop_only(tiny):
