@@ -232,3 +232,17 @@ def test_convert_needs_a_model_name_only_where_the_file_cannot_tell(tmp_path):
     with pytest.raises(CheckpointError, match="does not fit x3d_l: the file looks like x3d_xs or x3d_s or x3d_m"):
         convert_checkpoint(tmp_path / "ptv.pyth", tmp_path / "l.safetensors", model="x3d_l")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.safetensors", "ptv.pyth"]  # nothing half-written
+
+
+def test_convert_refuses_an_incomplete_source_before_writing(tmp_path):
+    obj = torch.load(checkpoint_path("tiny_a", "slowfast"), weights_only=True)
+    del obj["model_state"]["s2.pathway0_res0.branch1_bn.running_var"]
+    torch.save(obj, tmp_path / "holed.pyth")
+    with pytest.raises(CheckpointError, match=r"holed\.pyth: does not fit custom: 1 missing: "
+                                              r"s2\.pathway0_res0\.branch1_bn\.running_var$"):
+        convert_checkpoint(tmp_path / "holed.pyth", tmp_path / "out.pyth", to="pytorchvideo")
+    del obj["model_state"]["head.lin_5.weight"]
+    torch.save(obj, tmp_path / "headless.pyth")
+    with pytest.raises(CheckpointError, match="incomplete X3D checkpoint"):
+        convert_checkpoint(tmp_path / "headless.pyth", tmp_path / "out.pyth")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["headless.pyth", "holed.pyth"]

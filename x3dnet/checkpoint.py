@@ -179,6 +179,7 @@ def convert_checkpoint(src: str | os.PathLike[str], dst: str | os.PathLike[str],
     if to not in layouts.LAYOUTS:
         raise CheckpointError(f"unknown layout {to!r}; choose one of {', '.join(layouts.LAYOUTS)}")
     ckpt = load_checkpoint(src)
+    reference = _probe(ckpt)  # loads the source strictly first: a bad key is named before anything is written
     config, recipe = ckpt.config, ckpt.recipe
     if model is not None:
         config = get_config(model, num_classes=ckpt.num_classes or 400)
@@ -194,8 +195,7 @@ def convert_checkpoint(src: str | os.PathLike[str], dst: str | os.PathLike[str],
     tmp = dst.with_name(f".{dst.name}.check")
     try:
         write_checkpoint(ckpt.state_dict, tmp, layout=to, config=config, recipe=recipe)
-        written = load_checkpoint(tmp)
-        diff = _max_abs_diff(ckpt, written)
+        diff = (_probe(load_checkpoint(tmp)) - reference).abs().max().item()
         if not diff <= 1e-5:
             raise CheckpointError(f"{dst}: converted file computes something else (max |dp| = {diff:.2e})")
         os.replace(tmp, dst)
@@ -204,21 +204,20 @@ def convert_checkpoint(src: str | os.PathLike[str], dst: str | os.PathLike[str],
     return Conversion(ckpt, dst, to, len(layouts.from_native(ckpt.state_dict, to)), diff)
 
 
-def _max_abs_diff(a: Checkpoint, b: Checkpoint) -> float:
-    # Global pooling makes the check independent of the head window, so it needs no training clip
-    # and a small input (4 x 64 x 64) is enough to go through every layer.
-    if a.architecture is None:
-        raise CheckpointError(f"{a.path}: incomplete X3D checkpoint")
-    probe = X3DConfig("probe", frames=1, train_crop=32, num_classes=a.num_classes or 400,
-                      head_pooling="global", **a.architecture)
+def _probe(ckpt: Checkpoint) -> Tensor:
+    """The checkpoint's probabilities on a fixed random clip, after loading it strictly. Global pooling
+    makes this independent of the head window, so no training clip is needed, and 4 x 64 x 64 is
+    enough input to go through every layer."""
+    if ckpt.architecture is None:
+        raise CheckpointError(f"{ckpt.path}: incomplete X3D checkpoint: its stem, first blocks or head are missing")
+    name = ckpt.config.name if ckpt.config else "x3d"
+    config = X3DConfig(name, frames=1, train_crop=32, num_classes=ckpt.num_classes or 400, head_pooling="global",
+                       **ckpt.architecture)
+    net = X3D(config).eval()
+    load_weights(net, ckpt, match_clip=False)
     x = torch.randn(2, 3, 4, 64, 64, generator=torch.Generator().manual_seed(0))
-    outputs = []
-    for ckpt in (a, b):
-        net = X3D(probe).eval()
-        load_weights(net, ckpt, match_clip=False)
-        with torch.inference_mode():
-            outputs.append(net(x).softmax(1))
-    return (outputs[0] - outputs[1]).abs().max().item()
+    with torch.inference_mode():
+        return net(x).softmax(1)
 
 
 def _atomic(path: Path, write) -> Path:
