@@ -8,15 +8,11 @@ import json
 import sys
 from collections.abc import Sequence
 
-import torch
-
 from . import __version__
 from .checkpoint import convert_checkpoint, load_checkpoint
 from .errors import X3DNetError
 from .layouts import LAYOUTS
-from .model import VARIANTS, X3D
-from .profile import count_macs, count_params
-from .recipe import RECIPES
+from .profile import size_table
 from .weights import WEIGHTS, cached_path, download_weights
 
 
@@ -28,24 +24,7 @@ def _table(rows: list[dict[str, object]]) -> str:
 
 
 def models(args: argparse.Namespace) -> None:
-    """The variant table: sizes, parameters and multiply-adds, computed from the code."""
-    rows = []
-    for name, config in VARIANTS.items():
-        recipe = RECIPES[name]
-        with torch.device("meta"):  # shapes only: counting needs no arithmetic
-            model = X3D(config)
-        rows.append({
-            "model": name + (" (derived)" if config.derived else ""),
-            "clip": recipe.clip,
-            "blocks": ",".join(map(str, config.depths)),
-            "params_m": round(count_params(model) / 1e6, 3),
-            "params_m_no_bn": round(count_params(model, batchnorm=False) / 1e6, 3),
-            "gmacs_train": round(count_macs(config) / 1e9, 4),
-            "train_input": f"{config.frames}x{config.train_crop}^2",
-            "gmacs_test": round(count_macs(config, (config.frames, recipe.test_crop, recipe.test_crop)) / 1e9, 4),
-            "test_input": f"{config.frames}x{recipe.test_crop}^2",
-        })
-    _emit(rows, args.json)
+    _emit(size_table(), args.json)
     if not args.json:
         print("GMACs: multiply-adds of conv and linear layers per clip (the paper's and MODEL_ZOO's 'FLOPs').")
 

@@ -6,7 +6,8 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from .model import X3D, X3DConfig
+from .model import VARIANTS, X3D, X3DConfig
+from .recipe import RECIPES
 
 
 def count_params(model: nn.Module, *, batchnorm: bool = True) -> int:
@@ -30,3 +31,24 @@ def count_macs(config: X3DConfig, input_size: tuple[int, int, int] | None = None
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         model(clip)
     return counter.get_total_flops() // 2  # the counter reports 2 FLOPs per multiply-add
+
+
+def size_table() -> list[dict[str, object]]:
+    """Every variant's clip, depth, parameters and multiply-adds at its training and 3-crop test sizes."""
+    rows = []
+    for name, config in VARIANTS.items():
+        test = RECIPES[name].test_crop
+        with torch.device("meta"):  # shapes only: counting needs no arithmetic
+            model = X3D(config)
+        rows.append({
+            "model": name + (" (derived)" if config.derived else ""),
+            "clip": RECIPES[name].clip,
+            "blocks": ",".join(map(str, config.depths)),
+            "params_m": round(count_params(model) / 1e6, 3),
+            "params_m_no_bn": round(count_params(model, batchnorm=False) / 1e6, 3),
+            "gmacs_train": round(count_macs(config) / 1e9, 4),
+            "train_input": f"{config.frames}x{config.train_crop}^2",
+            "gmacs_test": round(count_macs(config, (config.frames, test, test)) / 1e9, 4),
+            "test_input": f"{config.frames}x{test}^2",
+        })
+    return rows
