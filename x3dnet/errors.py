@@ -15,3 +15,7 @@ class DownloadError(X3DNetError):
 
 class ConfigError(X3DNetError, ValueError):
     """An unknown model name or an impossible config."""
+
+
+class VideoError(X3DNetError):
+    """A video that cannot be read: missing, not a video, no video stream, no frames, undecodable."""

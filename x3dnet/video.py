@@ -1,0 +1,280 @@
+"""Decoding with PyAV: one pass per video, keeping only the frames the clips pick, resized as they arrive.
+
+The original decodes a video once per view (30 times for 30-view testing) and holds every decoded frame
+of a clip's window. Here the windows of all clips are read in a single pass over the file, seeking over
+long gaps, and a frame is converted to RGB (and resized) only if some clip picks it; everything else is
+dropped as soon as it is decoded.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .errors import VideoError
+
+RESIZE_MODES = ("area", "bilinear")
+_SEEK_GAP_S = 2.0  # seek only across gaps longer than this; shorter ones decode faster than a seek
+
+
+@dataclass(frozen=True)
+class VideoInfo:
+    """What the stream header says. ``frames`` is 0 and ``duration`` None where the container omits them."""
+
+    path: str
+    width: int
+    height: int
+    fps: float  # the stream's average frame rate
+    frames: int
+    duration: int | None  # in time_base units
+    time_base: Fraction
+    codec: str
+
+    @property
+    def seconds(self) -> float | None:
+        return None if self.duration is None else float(self.duration * self.time_base)
+
+    @property
+    def selective(self) -> bool:
+        """Whether clips can be placed from the header alone (the original's condition, plus a frame count)."""
+        return self.duration is not None and self.duration > 0 and self.frames > 0
+
+    @property
+    def pts_per_frame(self) -> float:
+        # The original's PyAV decoder converts frame numbers to pts with duration / frame count.
+        return self.duration / self.frames
+
+
+@dataclass(frozen=True)
+class Window:
+    """Frames of one clip: those with ``start <= pts <= end``, then (``one_past``) the next frame too.
+
+    ``positions`` are frame numbers inside that segment, before clamping to its last frame: the original
+    decodes just the window and picks ``linspace`` indices within it (spec 4.3 step 3).
+    """
+
+    start: float
+    end: float
+    positions: tuple[int, ...]
+    one_past: bool = True
+
+
+@dataclass
+class Segment:
+    """A window as decoded: its length and, for each position (clamped to the length), the frame."""
+
+    length: int
+    positions: list[int]
+    pts: list[int]
+    frames: list[Tensor]
+
+
+def output_size(height: int, width: int, short_side: int, mode: str) -> tuple[int, int]:
+    """(H, W) after resizing the short side to ``short_side``.
+
+    ``area`` is the original's default decoder (torchvision's reader asks swscale for the short side and
+    rounds the long one half up); ``bilinear`` is its PyAV path, which floors ``long / short * size``.
+    """
+    if min(height, width) == short_side:
+        return height, width
+    if mode == "area":
+        def scale(long: int, short: int) -> int:
+            return math.floor(long * short_side / short + 0.5)
+    else:
+        def scale(long: int, short: int) -> int:
+            return math.floor(float(long) / short * short_side)
+    if width < height:
+        return scale(height, width), short_side
+    return short_side, scale(width, height)
+
+
+@dataclass(frozen=True)
+class FrameFormat:
+    """How a picked frame is stored: RGB resized to ``short_side`` by ``resize``.
+
+    ``area`` frames stay uint8 (H, W, 3); swscale resizes them while converting from YUV. ``bilinear``
+    frames come back normalised, float32 (3, H, W): the original normalises before its bilinear
+    resize, and the order changes the last bits.
+    """
+
+    short_side: int
+    resize: str = "area"
+    mean: tuple[float, ...] = (0.45, 0.45, 0.45)
+    std: tuple[float, ...] = (0.225, 0.225, 0.225)
+
+    def __call__(self, frame: av.VideoFrame) -> Tensor:
+        h, w = output_size(frame.height, frame.width, self.short_side, self.resize)
+        if self.resize == "area":
+            rgb = frame.reformat(width=w, height=h, format="rgb24", interpolation="AREA")
+            return torch.from_numpy(rgb.to_ndarray())
+        # (H, W, 3) uint8 -> normalised float -> (1, 3, H, W) for interpolate
+        x = torch.from_numpy(frame.to_ndarray(format="rgb24")).float() / 255.0
+        x = ((x - torch.tensor(self.mean)) / torch.tensor(self.std)).permute(2, 0, 1)[None]
+        if (h, w) != (frame.height, frame.width):
+            x = F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False)
+        return x[0]
+
+
+@dataclass
+class _Collector:
+    window: Window
+    wanted: frozenset[int]
+    length: int = 0
+    done: bool = False
+    kept: dict[int, tuple[int, Tensor]] = field(default_factory=dict)
+    last: tuple[int, int, av.VideoFrame] | None = None  # (ordinal, pts, frame): maybe needed at the end
+
+    def feed(self, ordinal: int, pts: int, frame: av.VideoFrame, convert: Callable[[int, av.VideoFrame], Tensor]):
+        if self.done or pts < self.window.start:
+            return
+        if pts > self.window.end:
+            self.done = True
+            if not self.window.one_past:
+                return
+        if self.length in self.wanted:
+            self.kept[self.length] = (pts, convert(ordinal, frame))
+        self.last = (ordinal, pts, frame)
+        self.length += 1
+
+    def finish(self, convert: Callable[[int, av.VideoFrame], Tensor]) -> Segment | None:
+        if self.length == 0:
+            return None
+        positions = [min(p, self.length - 1) for p in self.window.positions]
+        if self.length - 1 in positions and self.length - 1 not in self.kept:
+            ordinal, pts, frame = self.last
+            self.kept[self.length - 1] = (pts, convert(ordinal, frame))
+        self.last = None
+        return Segment(self.length, positions, [self.kept[p][0] for p in positions],
+                       [self.kept[p][1] for p in positions])
+
+
+def probe(path: str | os.PathLike[str]) -> VideoInfo:
+    """Read the header of ``path``; a file that is not a readable video raises ``VideoError``."""
+    with _open(path) as container:
+        return _info(path, container)
+
+
+def read_segments(
+    path: str | os.PathLike[str], windows: Sequence[Window], convert: Callable[[av.VideoFrame], Tensor],
+) -> list[Segment | None]:
+    """Decode ``path`` once and return, per window, its segment (None where no frame fell in it).
+
+    Windows are visited in order of start; a gap of more than two seconds to the next one is crossed by
+    seeking to the key frame before it, so a long video is decoded only around its clips.
+    """
+    order = sorted(range(len(windows)), key=lambda i: windows[i].start)
+    collectors = [_Collector(w, frozenset(w.positions)) for w in windows]
+    segments: list[Segment | None] = [None] * len(windows)
+    recent: dict[int, Tensor] = {}  # the last frames converted, shared by overlapping windows
+
+    def convert_once(ordinal: int, frame: av.VideoFrame) -> Tensor:
+        if ordinal not in recent:
+            if len(recent) > 4:
+                recent.clear()
+            recent[ordinal] = convert(frame)
+        return recent[ordinal]
+
+    with _open(path) as container:
+        time_base = _info(path, container).time_base
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        frames = _decode(path, container, stream)
+        pending, active = list(order), []
+        ordinal, position, seekable, seeked = 0, None, bool(time_base), False
+        while pending or active:
+            if not active and seekable and position is not None:
+                target = windows[pending[0]].start
+                if (target - position) * time_base > _SEEK_GAP_S:
+                    container.seek(int(target), backward=True, any_frame=False, stream=stream)
+                    frames, seeked = _decode(path, container, stream), True
+            frame = next(frames, None)
+            if frame is None:
+                break
+            if frame.pts is None:
+                raise VideoError(f"{path}: frames without timestamps")
+            if seeked and frame.pts > windows[pending[0]].start:
+                # The seek landed past the window: read on from the start instead, and seek no more.
+                container.seek(0, backward=True, any_frame=False, stream=stream)
+                frames, seekable, seeked, position = _decode(path, container, stream), False, False, None
+                continue
+            seeked, position = False, frame.pts
+            while pending and windows[pending[0]].start <= frame.pts:
+                active.append(pending.pop(0))
+            for i in active:
+                collectors[i].feed(ordinal, frame.pts, frame, convert_once)
+            for i in [i for i in active if collectors[i].done]:
+                active.remove(i)
+                segments[i] = collectors[i].finish(convert_once)
+            ordinal += 1
+        for i in active:  # windows still open at the end of the stream
+            segments[i] = collectors[i].finish(convert_once)
+    return segments
+
+
+def count_frames(path: str | os.PathLike[str]) -> int:
+    """Decode the whole video and count its frames (for files whose header has no usable count)."""
+    with _open(path) as container:
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        return sum(1 for _ in _decode(path, container, stream))
+
+
+class _open:
+    """``av.open`` with every way it fails turned into a one-line ``VideoError``."""
+
+    def __init__(self, path: str | os.PathLike[str]):
+        p = Path(path)
+        if not p.exists():
+            raise VideoError(f"{path}: no such file")
+        if p.is_dir():
+            raise VideoError(f"{path}: is a directory, not a video")
+        try:
+            self.container = av.open(str(p), metadata_errors="ignore")
+        except (av.FFmpegError, UnicodeDecodeError, OSError) as e:
+            raise VideoError(f"{path}: not a readable video ({_reason(e)})") from None
+        if not self.container.streams.video:
+            self.container.close()
+            raise VideoError(f"{path}: has no video stream")
+
+    def __enter__(self) -> av.container.InputContainer:
+        return self.container
+
+    def __exit__(self, *exc: object) -> None:
+        self.container.close()
+
+
+def _info(path: str | os.PathLike[str], container: av.container.InputContainer) -> VideoInfo:
+    stream = container.streams.video[0]
+    ctx = stream.codec_context
+    rate = stream.average_rate or stream.guessed_rate or stream.base_rate
+    if ctx is None:
+        raise VideoError(f"{path}: no decoder for its video codec in this FFmpeg build")
+    if not ctx.width or not ctx.height:
+        raise VideoError(f"{path}: the video stream has no frame size")
+    if not rate:
+        raise VideoError(f"{path}: the video stream has no frame rate")
+    return VideoInfo(
+        path=str(path), width=ctx.width, height=ctx.height, fps=float(rate), frames=stream.frames or 0,
+        duration=stream.duration, time_base=stream.time_base or Fraction(0), codec=ctx.name,
+    )
+
+
+def _decode(path: str | os.PathLike[str], container: av.container.InputContainer, stream: av.VideoStream):
+    try:
+        yield from container.decode(stream)
+    except av.FFmpegError as e:
+        raise VideoError(f"{path}: cannot be decoded ({_reason(e)})") from None
+
+
+def _reason(e: BaseException) -> str:
+    text = getattr(e, "strerror", None) or str(e) or type(e).__name__
+    return text.splitlines()[0].rstrip(".")

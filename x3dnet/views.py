@@ -1,0 +1,203 @@
+"""Views of a video: N clips (temporal windows) x C crops (spatial windows), normalised, (V, 3, T, S, S).
+
+Two protocols, both written from the spec (section 4):
+
+* ``slowfast`` (the original's test loader): clip i of N starts at ``max(V - L, 0) * i / N`` source frames,
+  L = T * tau * fps / 30; each clip is decoded on its own pts window and its frames are picked by
+  ``linspace`` inside that window; the short side is resized to the test scale; 3 crops run along the
+  longer side at offsets 0, ``ceil((long - S) / 2)``, ``long - S``; one crop is centred with ``ceil``.
+* ``co3d`` (the co3d port, which published 1/10/30-clip tables): clips centred on N equal segments, short
+  side and crop both at the training crop, centre offsets with Python ``round``, three crops always
+  left/centre/right (never switched for portrait videos), bilinear resizing.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .errors import VideoError
+from .recipe import Recipe
+from .video import RESIZE_MODES, FrameFormat, Segment, VideoInfo, Window, count_frames, probe, read_segments
+
+PLACEMENTS = ("slowfast", "co3d")
+VIEW_PRESETS = (1, 10, 30)
+
+
+@dataclass(frozen=True)
+class ViewRecipe:
+    """Everything that decides which pixels of a video reach the model."""
+
+    frames: int  # T
+    stride: int  # tau, in frames at target_fps
+    short_side: int  # the short side is resized to this
+    crop: int  # square crops of this size
+    clips: int  # N temporal windows
+    crops: int  # C spatial windows per clip: 1 (centre) or 3 (along the long side)
+    placement: str = "slowfast"
+    resize: str = "area"
+    target_fps: float = 30
+    mean: tuple[float, float, float] = (0.45, 0.45, 0.45)
+    std: tuple[float, float, float] = (0.225, 0.225, 0.225)
+
+    def __post_init__(self) -> None:
+        if self.placement not in PLACEMENTS:
+            raise ValueError(f"placement must be one of {', '.join(PLACEMENTS)}, not {self.placement!r}")
+        if self.resize not in RESIZE_MODES:
+            raise ValueError(f"resize must be one of {', '.join(RESIZE_MODES)}, not {self.resize!r}")
+        if self.crops not in (1, 3) or self.clips < 1 or not 0 < self.crop <= self.short_side:
+            raise ValueError(f"impossible views: {self.clips} clips x {self.crops} crops of {self.crop} "
+                             f"from short side {self.short_side}")
+
+    @property
+    def views(self) -> int:
+        return self.clips * self.crops
+
+    def span(self, fps: float) -> float:
+        """L: the source frames one clip covers (at least one, as the original's later code clamps)."""
+        return max(1.0, self.frames * self.stride / self.target_fps * fps)
+
+    def describe(self) -> str:
+        return (f"{self.clips}x{self.crops} views ({self.placement}), {self.frames}x{self.stride} clips, "
+                f"short side {self.short_side} ({self.resize}), crop {self.crop}")
+
+
+def view_recipe(
+    recipe: Recipe, views: int = 30, *, placement: str = "slowfast", resize: str | None = None
+) -> ViewRecipe:
+    """The preset for 1, 10 or 30 views of a weights record's recipe.
+
+    ``slowfast``: 30 = 10 clips x 3 crops at the 3-crop test size; 10 = 10 clips x 1 centre crop at the
+    training crop from the 1-crop short side; 1 = the first of those clips. ``co3d``: the same clip and crop
+    counts with short side and crop at the training crop. ``resize`` defaults to each protocol's decoder:
+    ``area`` for slowfast, ``bilinear`` for co3d.
+    """
+    if views not in VIEW_PRESETS:
+        raise ValueError(f"views must be one of {', '.join(map(str, VIEW_PRESETS))}, not {views}")
+    clips, crops = {1: (1, 1), 10: (10, 1), 30: (10, 3)}[views]
+    if placement == "co3d":
+        short_side = crop = recipe.train_crop
+    elif crops == 3:
+        short_side = crop = recipe.test_crop
+    else:
+        short_side, crop = recipe.test_short_side, recipe.train_crop
+    return ViewRecipe(
+        frames=recipe.frames, stride=recipe.stride, short_side=short_side, crop=crop, clips=clips, crops=crops,
+        placement=placement, resize=resize or ("bilinear" if placement == "co3d" else "area"),
+        target_fps=recipe.target_fps, mean=recipe.mean, std=recipe.std,
+    )
+
+
+def clip_starts(length: float, span: float, clips: int, placement: str) -> list[float]:
+    """First source frame (fractional) of each clip, for a video of ``length`` frames."""
+    if placement == "co3d":
+        segment = length / clips
+        return [max(0.0, i * segment + segment / 2 - span / 2) for i in range(clips)]
+    delta = max(length - span, 0)
+    return [delta * i / clips for i in range(clips)]  # not i / (N - 1): the last clip stops short of the end
+
+
+def frame_positions(start: float, end: float, frames: int) -> tuple[int, ...]:
+    """``linspace(start, end, T)`` truncated, in float32 like the original, before clamping to the video."""
+    return tuple(int(v) for v in torch.linspace(start, end, frames).tolist())
+
+
+def crop_offsets(height: int, width: int, size: int, crops: int, placement: str) -> list[tuple[int, int]]:
+    """(y, x) of each crop's top-left corner."""
+    if placement == "co3d":
+        def centre(dim: int) -> int:
+            return 0 if size >= dim else int(round((dim - size) / 2.0))
+        y, x = centre(height), centre(width)
+        if crops == 1:
+            return [(y, x)]
+        return [(y, 0), (y, x), (y, max(width - size, 0))]  # always horizontal, even for portrait video
+    y, x = math.ceil((height - size) / 2), math.ceil((width - size) / 2)
+    if crops == 1:
+        return [(y, x)]
+    if height > width:
+        return [(0, x), (y, x), (height - size, x)]
+    return [(y, 0), (y, x), (y, width - size)]
+
+
+@dataclass
+class Views:
+    """The decoded clips of one video and the crops to take from them; views are cut on demand.
+
+    Clips are stored once (uint8 (T, H, W, 3) after area resizing, normalised float (3, T, H, W) after
+    bilinear), so 30 views cost the memory of 10 clips plus one batch.
+    """
+
+    video: VideoInfo
+    recipe: ViewRecipe
+    clips: list[Tensor]
+    size: tuple[int, int]  # (H, W) of the resized frames
+    offsets: list[tuple[int, int]]
+    pts: list[list[int]]  # per clip, the pts of its T frames
+    decoded: list[str]  # per clip: "window" (selective, as the original) or "whole" (header unusable)
+
+    def __len__(self) -> int:
+        return len(self.clips) * len(self.offsets)
+
+    def view(self, index: int) -> Tensor:
+        """View ``index`` (clip ``index // crops``, crop ``index % crops``) as normalised float (3, T, S, S)."""
+        clip = self.clips[index // len(self.offsets)]
+        y, x = self.offsets[index % len(self.offsets)]
+        s = self.recipe.crop
+        if clip.dtype == torch.uint8:
+            # (T, H, W, 3) uint8 -> crop -> float in [0, 1] -> normalised -> (3, T, S, S)
+            x_ = clip[:, y:y + s, x:x + s].float() / 255.0
+            x_ = (x_ - torch.tensor(self.recipe.mean)) / torch.tensor(self.recipe.std)
+            return x_.permute(3, 0, 1, 2)
+        return clip[:, :, y:y + s, x:x + s]
+
+    def batches(self, batch_size: int) -> Iterator[Tensor]:
+        """Consecutive views stacked to (B, 3, T, S, S)."""
+        for first in range(0, len(self), batch_size):
+            yield torch.stack([self.view(i) for i in range(first, min(first + batch_size, len(self)))])
+
+    def tensor(self) -> Tensor:
+        """All views, (V, 3, T, S, S)."""
+        return torch.stack([self.view(i) for i in range(len(self))])
+
+
+def make_views(path: str | os.PathLike[str], recipe: ViewRecipe) -> Views:
+    """Decode ``path`` once and build its ``recipe.views`` views.
+
+    Clips are placed from the stream header and read on their own pts windows, as the original does. A clip
+    whose window holds no frame (or every clip, when the header gives no duration or frame count) is
+    placed instead on the frames of the whole video, counted by decoding it: the original's fallback.
+    """
+    info = probe(path)
+    fmt = FrameFormat(recipe.short_side, recipe.resize, recipe.mean, recipe.std)
+    span = recipe.span(info.fps)
+    segments: list[Segment | None] = [None] * recipe.clips
+    decoded = ["whole"] * recipe.clips
+    if info.selective:
+        local = frame_positions(0, span - 1, recipe.frames)
+        p = info.pts_per_frame
+        windows = [Window(int(s * p), int((s + span - 1) * p), local)
+                   for s in clip_starts(info.frames, span, recipe.clips, recipe.placement)]
+        segments = read_segments(path, windows, fmt)
+        decoded = ["window" if s is not None else "whole" for s in segments]
+    missing = [i for i, s in enumerate(segments) if s is None]
+    if missing:
+        n = count_frames(path)
+        if n == 0:
+            raise VideoError(f"{path}: has no frames")
+        starts = clip_starts(n, span, recipe.clips, recipe.placement)
+        windows = [Window(-math.inf, math.inf, frame_positions(starts[i], starts[i] + span - 1, recipe.frames),
+                          one_past=False) for i in missing]
+        for i, segment in zip(missing, read_segments(path, windows, fmt), strict=True):
+            segments[i] = segment
+    h, w = segments[0].frames[0].shape[:2] if recipe.resize == "area" else segments[0].frames[0].shape[1:]
+    clips = [torch.stack(s.frames, dim=0 if recipe.resize == "area" else 1) for s in segments]
+    return Views(
+        video=info, recipe=recipe, clips=clips, size=(h, w),
+        offsets=crop_offsets(h, w, recipe.crop, recipe.crops, recipe.placement),
+        pts=[s.pts for s in segments], decoded=decoded,
+    )
