@@ -12,7 +12,10 @@ from . import __version__
 from .checkpoint import convert_checkpoint, load_checkpoint
 from .errors import X3DNetError
 from .layouts import LAYOUTS
+from .predict import kinetics400_classes, predict, read_labels
 from .profile import size_table
+from .video import RESIZE_MODES
+from .views import PLACEMENTS, VIEW_PRESETS
 from .weights import WEIGHTS, cached_path, download_weights
 
 
@@ -85,6 +88,44 @@ def convert(args: argparse.Namespace) -> None:
     )
 
 
+def predict_videos(args: argparse.Namespace) -> int:
+    labels = read_labels(args.labels) if args.labels else None
+    failed = 0
+    for result in predict(args.videos, model=args.model, weights=args.weights, views=args.views,
+                          placement=args.placement, resize=args.resize, batch_size=args.batch_size,
+                          device=args.device):
+        if isinstance(result, X3DNetError):
+            print(f"x3dnet: error: {result}", file=sys.stderr, flush=True)
+            failed += 1
+            continue
+        classes = result.scores.numel()
+        if labels is None and classes == 400:
+            labels = kinetics400_classes()
+        if labels is not None and len(labels) != classes:
+            raise X3DNetError(f"{args.labels or 'Kinetics-400 labels'}: {len(labels)} labels for a model "
+                              f"with {classes} classes")
+        top = result.top(args.top, labels)
+        if args.json:
+            print(json.dumps({"video": result.video, "model": result.model, "views": result.views,
+                              "predictions": top}), flush=True)
+            continue
+        print(f"{result.video}  ({result.model}, {result.views} views)")
+        for rank, p in enumerate(top, 1):
+            print(f"  {rank:>2}. {p['score']:7.2%}  {p['label']}" + ("" if labels is None else f"  [{p['index']}]"))
+        print(flush=True)
+    return 1 if failed else 0
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, not {text!r}")
+    return value
+
+
 def _emit(rows: list[dict[str, object]], as_json: bool) -> None:
     print("\n".join(json.dumps(r) for r in rows) if as_json else _table(rows))
 
@@ -119,17 +160,35 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--to", choices=LAYOUTS, default="native", help="target layout (default: native, safetensors)")
     p.add_argument("--model", help="the variant, where the file cannot tell (XS, S and M share shapes)")
     p.set_defaults(run=convert)
+
+    p = verbs.add_parser("predict", help="the top classes of each video (mean of the per-view probabilities)")
+    p.add_argument("videos", nargs="+", metavar="VIDEO")
+    p.add_argument("--model", help="variant (default: the weights' own, else x3d_m)")
+    p.add_argument("--weights", help="a checkpoint file or a published name (default: the model's SlowFast weights)")
+    p.add_argument("--views", type=int, choices=VIEW_PRESETS, default=30,
+                   help="1 clip, 10 clips x 1 crop, or 10 clips x 3 crops (default 30)")
+    p.add_argument("--placement", choices=PLACEMENTS, default="slowfast",
+                   help="the original's test protocol (slowfast) or the co3d port's")
+    p.add_argument("--resize", choices=RESIZE_MODES,
+                   help="short-side resize: area (the original's default decoder) or bilinear (its PyAV path, "
+                        "and co3d's); default: the placement's own")
+    p.add_argument("--top", type=_positive, default=5, help="classes to show (default 5)")
+    p.add_argument("--labels", help="class names, one per line (default: Kinetics-400 for 400-class models)")
+    p.add_argument("--batch-size", type=_positive, default=8, help="views per forward pass (default 8)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    p.add_argument("--json", action="store_true", help="one JSON object per video")
+    p.set_defaults(run=predict_videos)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        args.run(args)
+        status = args.run(args)
     except X3DNetError as e:
         print(f"x3dnet: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("x3dnet: interrupted", file=sys.stderr)
         return 130
-    return 0
+    return status or 0

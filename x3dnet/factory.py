@@ -1,12 +1,18 @@
-"""``create_model``: a variant by name, with weights from a file or the published table."""
+"""``create_model``: a variant by name, with weights from a file or the published table;
+``load_model``: the same for inference, with the clip recipe those weights were trained for."""
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
-from .checkpoint import load_checkpoint, load_weights
-from .model import X3D, get_config
+from .checkpoint import Checkpoint, load_checkpoint, load_weights
+from .errors import CheckpointError
+from .model import X3D, X3DConfig, get_config
+from .recipe import RECIPES, Recipe
 from .weights import get_weights, resolve_weights
+
+DEFAULT_MODEL = "x3d_m"
 
 
 def create_model(
@@ -37,12 +43,40 @@ def create_model(
     if weights is None:
         return X3D(config if num_classes is None else config.replace(num_classes=num_classes))
     ckpt = load_checkpoint(resolve_weights(weights))
+    return _loaded(config, ckpt, num_classes, match_clip=not {"frames", "train_crop"} & overrides.keys())
+
+
+def load_model(
+    name: str | None = None, *, weights: str | os.PathLike[str] | None = None
+) -> tuple[X3D, Recipe]:
+    """An eval-mode model with weights, and the recipe (clip, sizes, mean/std) they were trained for.
+
+    ``weights`` is a file or a published record's name; without it the variant's default published
+    weights are used. Without ``name`` the model is the record's, or the one the file records (x3dnet
+    files, SlowFast files with their cfg); a file that cannot tell (XS, S and M share shapes) needs it.
+    """
+    if weights is None:
+        weights = get_weights(name or DEFAULT_MODEL).name
+    path = resolve_weights(weights)
+    record = None if Path(weights).exists() else get_weights(str(weights))
+    ckpt = load_checkpoint(path)
+    if name is not None:
+        config = get_config(name)
+    elif record is not None:
+        config = get_config(record.model)
+    elif ckpt.config is not None:
+        config = ckpt.config
+    else:
+        raise CheckpointError(f"{ckpt.path}: the file does not say which model it holds "
+                              f"({ckpt.describe()}); name it with --model")
+    recipe = record.recipe if record is not None else ckpt.recipe or RECIPES.get(config.name)
+    if recipe is None:
+        raise CheckpointError(f"{ckpt.path}: no recipe for {config.name}: the file records none")
+    return _loaded(config, ckpt, None, match_clip=True).eval(), recipe
+
+
+def _loaded(config: X3DConfig, ckpt: Checkpoint, num_classes: int | None, *, match_clip: bool) -> X3D:
     file_classes = ckpt.num_classes or config.num_classes
     model = X3D(config.replace(num_classes=num_classes or file_classes))
-    load_weights(
-        model,
-        ckpt,
-        classifier=num_classes in (None, file_classes),
-        match_clip=not {"frames", "train_crop"} & overrides.keys(),
-    )
+    load_weights(model, ckpt, classifier=num_classes in (None, file_classes), match_clip=match_clip)
     return model
