@@ -269,8 +269,14 @@ def _info(path: str | os.PathLike[str], container: av.container.InputContainer) 
 
 
 def _decode(path: str | os.PathLike[str], container: av.container.InputContainer, stream: av.VideoStream):
+    # Demux and decode by hand: a frame-threaded decoder drops the errors of a truncated packet silently,
+    # but the demuxer marks such a packet as corrupt.
     try:
-        yield from container.decode(stream)
+        for packet in container.demux(stream):
+            if packet.is_corrupt:
+                where = f" at {float(packet.pts * stream.time_base):.2f}s" if packet.pts is not None else ""
+                raise VideoError(f"{path}: cannot be decoded (truncated or corrupt data{where})")
+            yield from packet.decode()
     except av.FFmpegError as e:
         raise VideoError(f"{path}: cannot be decoded ({_reason(e)})") from None
 
