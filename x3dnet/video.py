@@ -189,13 +189,14 @@ def read_segments(
         stream.thread_type = "AUTO"
         frames = _decode(path, container, stream)
         pending, active = list(order), []
-        ordinal, position, seekable, seeked = 0, None, bool(time_base), False
+        ordinal, position, seekable, seeked, sought = 0, None, bool(time_base), False, None
         while pending or active:
-            if not active and seekable and position is not None:
+            if not active and seekable and position is not None and sought != pending[0]:
                 target = windows[pending[0]].start
                 if (target - position) * time_base > _SEEK_GAP_S:
+                    # Once per window: the key frame it lands on may itself be far before the window.
                     container.seek(int(target), backward=True, any_frame=False, stream=stream)
-                    frames, seeked = _decode(path, container, stream), True
+                    frames, seeked, sought = _decode(path, container, stream), True, pending[0]
             frame = next(frames, None)
             if frame is None:
                 break
