@@ -81,7 +81,7 @@ def test_labels_from_a_file_and_the_readable_table(tiny, clip_video, tmp_path):
     result = x3dnet("predict", clip_video, "--weights", weights, "--views", 1, "--labels", labels, "--top", 3)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
-    assert lines[0] == f"{clip_video}  (tiny_a, 1 views)"
+    assert lines[0] == f"{clip_video}  (tiny_a, 1 view)"
     assert len([line for line in lines if "%  class " in line]) == 3
     labels.write_text("a\nb\n")
     result = x3dnet("predict", clip_video, "--weights", weights, "--views", 1, "--labels", labels)

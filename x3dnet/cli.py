@@ -109,7 +109,7 @@ def predict_videos(args: argparse.Namespace) -> int:
             print(json.dumps({"video": result.video, "model": result.model, "views": result.views,
                               "predictions": top}), flush=True)
             continue
-        print(f"{result.video}  ({result.model}, {result.views} views)")
+        print(f"{result.video}  ({result.model}, {result.views} view{'' if result.views == 1 else 's'})")
         for rank, p in enumerate(top, 1):
             print(f"  {rank:>2}. {p['score']:7.2%}  {p['label']}" + ("" if labels is None else f"  [{p['index']}]"))
         print(flush=True)

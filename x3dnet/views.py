@@ -195,7 +195,10 @@ def make_views(path: str | os.PathLike[str], recipe: ViewRecipe) -> Views:
         for i, segment in zip(missing, read_segments(path, windows, fmt), strict=True):
             segments[i] = segment
     h, w = segments[0].frames[0].shape[:2] if recipe.resize == "area" else segments[0].frames[0].shape[1:]
-    clips = [torch.stack(s.frames, dim=0 if recipe.resize == "area" else 1) for s in segments]
+    try:
+        clips = [torch.stack(s.frames, dim=0 if recipe.resize == "area" else 1) for s in segments]
+    except RuntimeError:
+        raise VideoError(f"{path}: the frame size changes within the video") from None
     return Views(
         video=info, recipe=recipe, clips=clips, size=(h, w),
         offsets=crop_offsets(h, w, recipe.crop, recipe.crops, recipe.placement),
