@@ -9,11 +9,14 @@ import sys
 from collections.abc import Sequence
 
 from . import __version__
+from .backends import BACKENDS, PRECISIONS
+from .backends import export_model as export
 from .checkpoint import convert_checkpoint, load_checkpoint
 from .errors import X3DNetError
+from .factory import create_model, load_model
 from .layouts import LAYOUTS
 from .predict import kinetics400_classes, predict, read_labels
-from .profile import size_table
+from .profile import plot, profile, size_table
 from .video import RESIZE_MODES
 from .views import PLACEMENTS, VIEW_PRESETS
 from .weights import WEIGHTS, cached_path, download_weights
@@ -93,7 +96,7 @@ def predict_videos(args: argparse.Namespace) -> int:
     failed = 0
     for result in predict(args.videos, model=args.model, weights=args.weights, views=args.views,
                           placement=args.placement, resize=args.resize, batch_size=args.batch_size,
-                          device=args.device):
+                          device=args.device, backend=args.backend, precision=args.precision):
         if isinstance(result, X3DNetError):
             print(f"x3dnet: error: {result}", file=sys.stderr, flush=True)
             failed += 1
@@ -114,6 +117,45 @@ def predict_videos(args: argparse.Namespace) -> int:
             print(f"  {rank:>2}. {p['score']:7.2%}  {p['label']}" + ("" if labels is None else f"  [{p['index']}]"))
         print(flush=True)
     return 1 if failed else 0
+
+
+def profile_models(args: argparse.Namespace) -> None:
+    rows = profile(args.model, backends=args.backend, precisions=args.precision, batch_sizes=args.batch_size,
+                   device=args.device, runs=args.runs, warmup=args.warmup, crop=args.crop,
+                   log=lambda line: print(line, file=sys.stderr, flush=True))
+    if args.json:
+        _emit(rows, True)
+    else:
+        _emit([{
+            "model": r["model"], "backend": r["backend"], "precision": r["precision"], "batch": r["batch_size"],
+            "input (TxSxS)": r["input"], "GMACs": r["gmacs"],
+            "params M (w/o BN)": f"{r['params_m']} ({r['params_m_no_bn']})",
+            "clips/s": f"{r['clips_per_s']:.2f} ± {r['clips_per_s_std']:.2f}", "ms/clip": r["latency_ms"],
+            "GFLOP/s": r["gflops_per_s"], "peak MB": r["peak_mem_mb"],
+        } for r in rows], False)
+        memory = "max allocated" if args.device != "cpu" else "process RSS"
+        print(f"{args.runs} timed rounds after {args.warmup} warm-up calls, rows interleaved; GMACs: multiply-adds "
+              f"of conv and linear layers per clip; peak MB: {memory}.")
+    if args.plot:
+        print(f"wrote {plot(rows, args.plot)}", file=sys.stderr)
+
+
+def export_model(args: argparse.Namespace) -> None:
+    if args.weights is None and args.model is None:
+        raise X3DNetError("export needs --model, --weights or both")
+    model = load_model(args.model, weights=args.weights)[0] if args.weights else create_model(args.model).eval()
+    c = model.config
+    shape = (c.frames, args.crop or c.train_crop, args.crop or c.train_crop)
+    path, diff = export(model, args.out, format=args.format, input_shape=shape)
+    source = args.weights or "random weights"
+    print(f"wrote {path}: {c.name} ({source}), input (batch, 3, {', '.join(map(str, shape))}), "
+          f"max |dp| vs PyTorch {diff:.1e}")
+
+
+def _engine_flags(p: argparse.ArgumentParser, *, default_backend: str) -> None:
+    p.add_argument("--backend", choices=("auto", *BACKENDS), default=default_backend,
+                   help=f"inference engine (default {default_backend}; auto: the fastest installed)")
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32", help="fp32 (default), bf16 or fp16")
 
 
 def _positive(text: str) -> int:
@@ -176,8 +218,32 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--labels", help="class names, one per line (default: Kinetics-400 for 400-class models)")
     p.add_argument("--batch-size", type=_positive, default=8, help="views per forward pass (default 8)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    _engine_flags(p, default_backend="torch")
     p.add_argument("--json", action="store_true", help="one JSON object per video")
     p.set_defaults(run=predict_videos)
+
+    p = verbs.add_parser("profile", help="GMACs, parameters and clips per second of models and engines, measured here")
+    p.add_argument("--model", nargs="+", default=["x3d_xs", "x3d_s", "x3d_m", "x3d_l"], metavar="MODEL")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    p.add_argument("--backend", nargs="+", default=["auto"], choices=("auto", *BACKENDS),
+                   help="engines to compare (default: auto, the fastest installed)")
+    p.add_argument("--precision", nargs="+", default=["fp32"], choices=PRECISIONS)
+    p.add_argument("--batch-size", nargs="+", type=_positive, default=[1])
+    p.add_argument("--runs", type=_positive, default=10, help="timed rounds after warm-up (default 10)")
+    p.add_argument("--warmup", type=_positive, default=2, help="untimed calls per row first (default 2)")
+    p.add_argument("--crop", choices=("train", "test"), default="train",
+                   help="input size: the training clip (the published tables) or the 3-crop test size")
+    p.add_argument("--json", action="store_true", help="one JSON object per row")
+    p.add_argument("--plot", metavar="FILE.png", help="draw throughput against GMACs (needs matplotlib)")
+    p.set_defaults(run=profile_models)
+
+    p = verbs.add_parser("export", help="write the model as ONNX or OpenVINO IR (dynamic batch), checked")
+    p.add_argument("--model", help="variant (default: the weights' own)")
+    p.add_argument("--weights", help="a checkpoint file or a published name (default: random weights of --model)")
+    p.add_argument("--format", choices=("onnx", "openvino"), required=True)
+    p.add_argument("--out", required=True, help="output path (.onnx, or .xml with its .bin beside it)")
+    p.add_argument("--crop", type=_positive, help="clip size the graph is traced at (default: the training crop)")
+    p.set_defaults(run=export_model)
     return parser
 
 

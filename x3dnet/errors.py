@@ -19,3 +19,7 @@ class ConfigError(X3DNetError, ValueError):
 
 class VideoError(X3DNetError):
     """A video that cannot be read: missing, not a video, no video stream, no frames, undecodable."""
+
+
+class BackendError(X3DNetError):
+    """An inference engine that is not installed, cannot run here, or disagrees with eager PyTorch."""

@@ -12,7 +12,6 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -261,7 +260,11 @@ class X3D(nn.Module):
             return logits[:, 0]
         # The original averages the per-window softmaxes; return the log of that average, so softmax of
         # the output is exactly the original's probabilities and the output stays a valid logit vector.
-        return torch.logsumexp(F.log_softmax(logits, dim=-1), dim=1) - math.log(windows)
+        # log-mean-exp written out (not torch.logsumexp): OpenVINO's ONNX reader loses the shape of
+        # ReduceLogSumExp.
+        log_probs = F.log_softmax(logits, dim=-1)
+        top = log_probs.amax(dim=1, keepdim=True)
+        return (log_probs - top).exp().mean(dim=1).log() + top[:, 0]
 
     def forward(self, x: Tensor) -> Tensor:
         """Logits for an input with one head window (the training clip, or any size with "global"

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from .backends import Engine, create_engine
 from .errors import ConfigError, X3DNetError
 from .factory import load_model
 from .model import X3D
@@ -50,17 +51,17 @@ class Prediction:
 
 
 @torch.inference_mode()
-def view_probabilities(model: X3D, views: Views, *, batch_size: int = 8, device: str | torch.device = "cpu") -> Tensor:
+def view_probabilities(model: X3D | Engine, views: Views, *, batch_size: int = 8) -> Tensor:
     """(V, classes) probabilities, one row per view. The model averages the softmax over its head windows
-    when a view is larger than its training crop; the softmax of its output is that average."""
-    rows = [model(batch.to(device)).softmax(1).float().cpu() for batch in views.batches(batch_size)]
-    return torch.cat(rows)
+    when a view is larger than its training crop; the softmax of its output is that average. ``model``
+    is an ``X3D`` (on the CPU) or an engine from ``x3dnet.backends.create_engine``."""
+    return torch.cat([model(batch).float().softmax(1).cpu() for batch in views.batches(batch_size)])
 
 
-def predict_video(model: X3D, path: str | os.PathLike[str], recipe: ViewRecipe, *, batch_size: int = 8,
-                  device: str | torch.device = "cpu") -> Prediction:
+def predict_video(model: X3D | Engine, path: str | os.PathLike[str], recipe: ViewRecipe, *,
+                  batch_size: int = 8) -> Prediction:
     views = make_views(path, recipe)
-    probs = view_probabilities(model, views, batch_size=batch_size, device=device)
+    probs = view_probabilities(model, views, batch_size=batch_size)
     return Prediction(str(path), model.config.name, len(views), probs.mean(0))
 
 
@@ -74,22 +75,26 @@ def predict(
     resize: str | None = None,
     batch_size: int = 8,
     device: str = "cpu",
+    backend: str = "torch",
+    precision: str = "fp32",
 ) -> Iterator[Prediction | X3DNetError]:
     """Predict each video; a video that cannot be read yields its error, and the others go on.
 
     The model and its recipe come from ``load_model`` (the published weights by default); the views are
-    the recipe's 1-, 10- or 30-view preset for ``placement``.
+    the recipe's 1-, 10- or 30-view preset for ``placement``; ``backend`` is an engine of
+    ``x3dnet.backends`` (``auto``: the fastest installed), checked against eager PyTorch before use.
     """
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"device {device}: CUDA is not available here")
     net, recipe = load_model(model, weights=weights)
-    net = net.to(device)
     try:
         view_set = view_recipe(recipe, views, placement=placement, resize=resize)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    shape = (view_set.frames, view_set.crop, view_set.crop)
+    engine = create_engine(net, backend=backend, device=device, precision=precision, input_shape=shape)
     for video in videos:
         try:
-            yield predict_video(net, video, view_set, batch_size=batch_size, device=device)
+            yield predict_video(engine, video, view_set, batch_size=batch_size)
         except X3DNetError as e:
             yield e

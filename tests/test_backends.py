@@ -1,0 +1,160 @@
+"""Engines against the original's outputs, the checks that make an engine refuse, export and profile."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import checkpoint_path, reference_io, tiny_config
+from test_cli import assert_one_line_error, x3dnet
+from test_predict import (  # noqa: F401
+    TINY_RECIPE,  # noqa: F401  (shares the module-scoped fixtures below)
+    clip_video,
+    tiny,
+)
+
+from x3dnet import X3D, load_weights
+from x3dnet.backends import (
+    BACKENDS,
+    TorchEngine,
+    check_engine,
+    create_engine,
+    fold_batchnorm,
+    installed,
+    pick_backend,
+)
+from x3dnet.errors import BackendError
+
+INSTALLED = [b for b in BACKENDS if installed(b)]
+
+
+@pytest.fixture(scope="module")
+def tiny_a() -> X3D:
+    model = X3D(tiny_config("tiny_a"))
+    load_weights(model, checkpoint_path("tiny_a", "slowfast"))
+    return model.eval()
+
+
+def test_the_fast_engines_are_installed_for_the_tests():
+    # make test installs x3dnet[fast]; without it the parity tests below would cover only torch.
+    assert INSTALLED == list(BACKENDS)
+
+
+@pytest.mark.parametrize("backend", INSTALLED)
+@pytest.mark.parametrize("crop", ["train", "test"])
+def test_fp32_engines_match_the_original(tiny_a, backend, crop):
+    io = reference_io("tiny_a")
+    x, expected = io[f"x_{crop}"].float(), io[f"probs_{crop}"]
+    engine = create_engine(tiny_a, backend=backend, input_shape=tuple(x.shape[2:]))
+    assert engine.parity is not None and engine.parity <= 1e-4
+    torch.testing.assert_close(engine(x).softmax(1), expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("backend", [b for b in INSTALLED if b in ("torch", "torch-opt", "openvino")])
+def test_bf16_engines_pick_the_original_top1(tiny_a, backend):
+    io = reference_io("tiny_a")
+    x = io["x_train"].float()
+    engine = create_engine(tiny_a, backend=backend, precision="bf16", input_shape=tuple(x.shape[2:]))
+    assert engine(x).argmax(1).tolist() == io["probs_train"].argmax(1).tolist()
+
+
+def test_folding_batchnorm_is_exact(tiny_a):
+    x = reference_io("tiny_a")["x_test"].float()
+    folded = fold_batchnorm(tiny_a)
+    assert not any(isinstance(m, torch.nn.BatchNorm3d) for m in folded.modules())
+    with torch.inference_mode():
+        torch.testing.assert_close(folded(x).softmax(1), tiny_a(x).softmax(1), atol=1e-6, rtol=0)
+
+
+def test_an_engine_that_disagrees_refuses_to_run(tiny_a):
+    other = X3D(tiny_a.config).eval()
+    other.load_state_dict(tiny_a.state_dict())
+    with torch.no_grad():
+        other.fc2.bias[3] += 0.05  # a small change: probabilities move by ~1e-3
+    engine = TorchEngine(other, device="cpu", precision="fp32", input_shape=(4, 64, 64))
+    with pytest.raises(BackendError, match="disagrees with eager PyTorch"):
+        check_engine(engine, tiny_a)
+    untrained = X3D(tiny_a.config).eval()  # near-uniform probabilities: caught by log-probabilities
+    engine = TorchEngine(untrained, device="cpu", precision="fp32", input_shape=(4, 64, 64))
+    with pytest.raises(BackendError, match="max \\|d log p\\|"):
+        check_engine(engine, X3D(tiny_a.config).eval())
+    with torch.no_grad():
+        other.fc2.bias[3] += 50.0  # class 3 always wins: another top-1
+    engine = TorchEngine(other, device="cpu", precision="bf16", input_shape=(4, 64, 64))
+    with pytest.raises(BackendError, match="another top-1"):
+        check_engine(engine, tiny_a)
+
+
+def test_auto_and_unsupported_combinations(tiny_a):
+    assert pick_backend("cpu", "fp32") == "openvino"
+    assert pick_backend("cpu", "bf16") == "openvino"
+    if torch.cuda.is_available():
+        assert pick_backend("cuda", "fp32") == "torch-opt"
+    with pytest.raises(BackendError, match="onnxruntime runs fp32 only"):
+        create_engine(tiny_a, backend="onnxruntime", precision="bf16")
+    with pytest.raises(BackendError, match="runs fp16 on CUDA only"):
+        create_engine(tiny_a, backend="torch", precision="fp16")
+    with pytest.raises(BackendError, match="backend must be"):
+        create_engine(tiny_a, backend="tensorrt")
+    if not torch.cuda.is_available():
+        with pytest.raises(BackendError, match="CUDA is not available"):
+            create_engine(tiny_a, backend="torch-opt", device="cuda")
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "openvino"])
+def test_export_writes_a_checked_graph_with_a_dynamic_batch(tiny, tmp_path, fmt):  # noqa: F811
+    model, weights = tiny
+    out = tmp_path / ("x3d.onnx" if fmt == "onnx" else "x3d.xml")
+    result = x3dnet("export", "--weights", weights, "--format", fmt, "--out", out, "--crop", 80)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(f"wrote {out}: tiny_a") and "input (batch, 3, 4, 80, 80)" in result.stdout
+    x = reference_io("tiny_a")["x_test"].float().repeat(2, 1, 1, 1, 1)[:3]  # a batch of 3, unseen at export
+    if fmt == "onnx":
+        import onnxruntime as ort
+
+        scores = ort.InferenceSession(str(out)).run(None, {"clips": x.numpy()})[0]
+    else:
+        import openvino as ov
+
+        assert out.with_suffix(".bin").exists()
+        # f32 said explicitly: on CPUs with bf16 units OpenVINO would otherwise run bf16
+        scores = ov.Core().compile_model(str(out), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})(x.numpy())[0]
+    with torch.inference_mode():
+        expected = model(x).softmax(1)
+    torch.testing.assert_close(torch.from_numpy(np.asarray(scores)).softmax(1), expected, atol=1e-5, rtol=0)
+
+
+def test_export_errors(tiny, tmp_path):  # noqa: F811
+    _, weights = tiny
+    result = x3dnet("export", "--weights", weights, "--format", "onnx", "--out", tmp_path / "no" / "dir" / "x.onnx")
+    assert_one_line_error(result, "cannot write")
+    assert_one_line_error(x3dnet("export", "--format", "onnx", "--out", tmp_path / "x.onnx"), "needs --model")
+
+
+def test_predict_with_a_fast_backend_gives_the_same_scores(tiny, clip_video):  # noqa: F811
+    _, weights = tiny
+    runs = [x3dnet("predict", clip_video, "--weights", weights, "--views", 30, "--json", "--top", 10,
+                   "--backend", backend) for backend in ("torch", "auto")]
+    assert all(r.returncode == 0 for r in runs), runs[1].stderr
+    eager, fast = (json.loads(r.stdout)["predictions"] for r in runs)
+    assert [p["index"] for p in eager][:3] == [p["index"] for p in fast][:3]
+    for p, q in zip(sorted(eager, key=lambda p: p["index"]), sorted(fast, key=lambda p: p["index"]), strict=True):
+        assert abs(p["score"] - q["score"]) <= 1e-5
+
+
+def test_profile_rows(tmp_path):
+    plot = tmp_path / "profile.png"
+    result = x3dnet("profile", "--model", "x3d_xs", "--backend", "torch", "auto", "--precision", "fp32", "bf16",
+                    "--runs", 2, "--warmup", 1, "--json", "--plot", plot)
+    assert result.returncode == 0, result.stderr
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [(r["backend"], r["precision"]) for r in rows] == [
+        ("torch", "fp32"), ("torch", "bf16"), ("openvino", "fp32"), ("openvino", "bf16")]
+    for r in rows:
+        assert (r["model"], r["input"], r["batch_size"], r["gmacs"], r["params_m"]) == (
+            "x3d_xs", "4x160x160", 1, 0.6053, 3.794)
+        assert r["clips_per_s"] > 0 and r["clips_per_s_std"] >= 0 and r["peak_mem_mb"] > 0
+        assert r["latency_ms"] == pytest.approx(1000 / r["clips_per_s"], rel=0.5)
+    assert plot.stat().st_size > 10_000

@@ -1,0 +1,289 @@
+"""Inference engines behind one interface: eager torch, torch-opt, OpenVINO and ONNX Runtime.
+
+Every engine is built from the one ``X3D`` model (folded, exported or converted from it, never a second
+copy of the network) and, unless told otherwise, checked against eager PyTorch on its first use for
+that model, input size and precision: fp32 must agree to 1e-4 in probability, bf16/fp16 must pick the
+same top-1 class. An engine that disagrees refuses to run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import importlib.util
+import os
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from .errors import BackendError
+from .model import X3D, Block
+
+BACKENDS = ("torch", "torch-opt", "openvino", "onnxruntime")
+PRECISIONS = ("fp32", "bf16", "fp16")
+FP32_TOLERANCE = 1e-4  # max |p_engine - p_eager| for an fp32 engine
+FP32_LOG_TOLERANCE = 1e-3  # and max |log p_engine - log p_eager|
+TIE_TOLERANCE = 1e-2  # a bf16/fp16 top-1 is the same if eager's log-probability for it is this close to its best
+_MODULES = {"openvino": "openvino", "onnxruntime": "onnxruntime"}
+
+
+class Engine:
+    """``engine(clips)`` returns what ``X3D.forward`` returns (its softmax is the original's output)."""
+
+    backend = "torch"
+
+    def __init__(self, model: X3D, *, device: str, precision: str, input_shape: tuple[int, int, int]):
+        self.config = model.config
+        self.device, self.precision, self.input_shape = device, precision, input_shape
+        self.parity: float | None = None  # max |dp| against eager, once checked
+
+    def __call__(self, clips: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        return f"{self.backend} {self.precision} on {self.device}"
+
+
+class TorchEngine(Engine):
+    """Eager PyTorch; bf16/fp16 by autocast."""
+
+    def __init__(self, model: X3D, **kw: object):
+        super().__init__(model, **kw)
+        self.model = model.eval().to(self.device)
+
+    def _autocast(self):
+        if self.precision == "fp32":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
+        return torch.autocast(device_type=torch.device(self.device).type, dtype=dtype)
+
+    @torch.inference_mode()
+    def __call__(self, clips: Tensor) -> Tensor:
+        with self._autocast():
+            return self.model(self._prepare(clips)).float()
+
+    def _prepare(self, clips: Tensor) -> Tensor:
+        return clips.to(self.device)
+
+
+class TorchOptEngine(TorchEngine):
+    """BN folded into the convs, channels-last 3-D, inference mode; cudnn autotuning on CUDA;
+    ``torch.compile`` when ``compile=True`` (it pays off on GPUs, not for one clip on two CPU cores)."""
+
+    backend = "torch-opt"
+
+    def __init__(self, model: X3D, *, compile: bool = False, **kw: object):
+        super().__init__(fold_batchnorm(model), **kw)
+        self.model = self.model.to(memory_format=torch.channels_last_3d)
+        if torch.device(self.device).type == "cuda":
+            torch.backends.cudnn.benchmark = True
+        if compile:
+            self.model = torch.compile(self.model)
+
+    def _prepare(self, clips: Tensor) -> Tensor:
+        return clips.to(self.device, memory_format=torch.channels_last_3d)
+
+
+class OnnxRuntimeEngine(Engine):
+    """The exported ONNX graph in ONNX Runtime (fp32; CPU, or CUDA where its CUDA build is installed)."""
+
+    backend = "onnxruntime"
+
+    def __init__(self, model: X3D, *, path: Path | None = None, **kw: object):
+        super().__init__(model, **kw)
+        import onnxruntime as ort
+
+        provider = "CUDAExecutionProvider" if self.device.startswith("cuda") else "CPUExecutionProvider"
+        if provider not in ort.get_available_providers():
+            raise BackendError(f"onnxruntime: this build has no {provider}")
+        with tempfile.TemporaryDirectory() as tmp:
+            path = path or export_onnx(model, Path(tmp) / "x3d.onnx", input_shape=self.input_shape)
+            self.session = ort.InferenceSession(str(path), providers=[provider])
+
+    def __call__(self, clips: Tensor) -> Tensor:
+        return torch.from_numpy(self.session.run(None, {"clips": clips.float().cpu().numpy()})[0])
+
+
+class OpenVinoEngine(Engine):
+    """The exported ONNX graph compiled by OpenVINO for the CPU, with an inference precision hint."""
+
+    backend = "openvino"
+    _HINTS = {"fp32": "f32", "bf16": "bf16", "fp16": "f16"}
+
+    def __init__(self, model: X3D, *, path: Path | None = None, **kw: object):
+        super().__init__(model, **kw)
+        import openvino as ov
+
+        if self.device != "cpu":
+            raise BackendError("openvino: x3dnet runs OpenVINO on the CPU only")
+        core = ov.Core()
+        with tempfile.TemporaryDirectory() as tmp:
+            path = path or export_onnx(model, Path(tmp) / "x3d.onnx", input_shape=self.input_shape)
+            graph = core.read_model(str(path))
+        hint = self._HINTS[self.precision]
+        config = {"INFERENCE_PRECISION_HINT": hint, "PERFORMANCE_HINT": "LATENCY"}
+        self.compiled = core.compile_model(graph, "CPU", config)
+        runs_in = self.compiled.get_property("INFERENCE_PRECISION_HINT")
+        runs_in = runs_in.get_type_name() if hasattr(runs_in, "get_type_name") else str(runs_in)
+        if runs_in != hint:
+            raise BackendError(f"openvino: this CPU cannot run {self.precision} (it would run {runs_in})")
+        self.request = self.compiled.create_infer_request()
+
+    def __call__(self, clips: Tensor) -> Tensor:
+        self.request.infer({0: clips.float().cpu().numpy()})
+        return torch.from_numpy(self.request.get_output_tensor(0).data.copy())
+
+
+_ENGINES: dict[str, type[Engine]] = {
+    "torch": TorchEngine, "torch-opt": TorchOptEngine, "openvino": OpenVinoEngine, "onnxruntime": OnnxRuntimeEngine,
+}
+
+
+def installed(backend: str) -> bool:
+    return backend not in _MODULES or importlib.util.find_spec(_MODULES[backend]) is not None
+
+
+def supported(backend: str, device: str, precision: str) -> str | None:
+    """Why ``backend`` cannot run ``precision`` on ``device`` here, or None if it can."""
+    cuda = device.startswith("cuda")
+    if not installed(backend):
+        return f"{backend} is not installed (pip install 'x3dnet[fast]')"
+    if cuda and not torch.cuda.is_available():
+        return f"device {device}: CUDA is not available here"
+    if backend == "openvino" and cuda:
+        return "openvino runs on the CPU only here"
+    if backend == "onnxruntime" and precision != "fp32":
+        return "onnxruntime runs fp32 only here"
+    if precision == "fp16" and not cuda and backend != "openvino":
+        return f"{backend} runs fp16 on CUDA only"
+    return None
+
+
+def pick_backend(device: str = "cpu", precision: str = "fp32") -> str:
+    """``auto``: the fastest engine installed for the device and precision (measured by
+    benchmarks/bench_backends.py: OpenVINO on the CPU, torch-opt on CUDA)."""
+    order = ("torch-opt",) if device.startswith("cuda") else ("openvino", "torch-opt")
+    for backend in order:
+        if supported(backend, device, precision) is None:
+            return backend
+    return "torch"
+
+
+def create_engine(
+    model: X3D, *, backend: str = "auto", device: str = "cpu", precision: str = "fp32",
+    input_shape: tuple[int, int, int] | None = None, check: bool = True, compile: bool = False,
+) -> Engine:
+    """An engine for ``model`` on inputs ``(B, 3, *input_shape)`` (default: the training clip).
+
+    Exported graphs have a dynamic batch and a fixed clip size; the torch engines take any size.
+    """
+    if precision not in PRECISIONS:
+        raise BackendError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
+    backend = pick_backend(device, precision) if backend == "auto" else backend
+    if backend not in _ENGINES:
+        raise BackendError(f"backend must be auto or one of {', '.join(BACKENDS)}, not {backend!r}")
+    reason = supported(backend, device, precision)
+    if reason:
+        raise BackendError(reason)
+    c = model.config
+    shape = input_shape or (c.frames, c.train_crop, c.train_crop)
+    kw = {"device": device, "precision": precision, "input_shape": shape}
+    engine = TorchOptEngine(model, compile=compile, **kw) if backend == "torch-opt" else _ENGINES[backend](model, **kw)
+    if check:
+        engine.parity = check_engine(engine, model)
+    return engine
+
+
+def check_engine(engine: Engine, model: X3D) -> float:
+    """Compare ``engine`` with eager fp32 ``model`` on a fixed input (two random clips); raise
+    ``BackendError`` if they disagree. Returns the max |dp|. ``create_engine`` calls it once per engine."""
+    generator = torch.Generator().manual_seed(0)
+    clips = torch.randn(2, 3, *engine.input_shape, generator=generator)
+    with torch.inference_mode():
+        expected = copy.deepcopy(model).float().cpu().eval()(clips).log_softmax(1)
+    got = engine(clips).float().cpu().log_softmax(1)
+    diff = (got.exp() - expected.exp()).abs().max().item()
+    if engine.precision == "fp32":
+        # Probabilities of an untrained model are all close to 1/classes, where any output passes a
+        # probability tolerance; log-probabilities still tell a wrong engine apart.
+        log_diff = (got - expected).abs().max().item()
+        if not (diff <= FP32_TOLERANCE and log_diff <= FP32_LOG_TOLERANCE):
+            raise BackendError(f"{engine.describe()} disagrees with eager PyTorch: max |dp| {diff:.1e}, "
+                               f"max |d log p| {log_diff:.1e}; refusing to run it")
+    else:
+        chosen = expected.gather(1, got.argmax(1, keepdim=True))[:, 0]
+        if not bool((chosen >= expected.max(1).values - TIE_TOLERANCE).all()):
+            raise BackendError(f"{engine.describe()} picks another top-1 class than eager PyTorch fp32; "
+                               "refusing to run it")
+    return diff
+
+
+def fold_batchnorm(model: X3D) -> X3D:
+    """A copy of ``model`` in eval mode with every BN folded into the conv before it (exact up to
+    rounding): w' = w * g / sqrt(v + eps), b' = (b - m) * g / sqrt(v + eps) + beta."""
+    model = copy.deepcopy(model).eval()
+    pairs = [(model.stem, "conv_temporal", "bn"), (model, "conv5", "conv5_bn")]
+    for block in model.modules():
+        if isinstance(block, Block):
+            pairs += [(block, f"conv_{k}", f"bn_{k}") for k in "abc"]
+            if block.shortcut is not None:
+                pairs.append((block, "shortcut", "shortcut_bn"))
+    with torch.no_grad():
+        for owner, conv_name, bn_name in pairs:
+            conv, bn = getattr(owner, conv_name), getattr(owner, bn_name)
+            scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+            bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
+            conv.weight.mul_(scale.reshape(-1, 1, 1, 1, 1))
+            conv.bias = nn.Parameter((bias - bn.running_mean) * scale + bn.bias)
+            setattr(owner, bn_name, nn.Identity())
+    return model
+
+
+def export_onnx(model: X3D, path: str | os.PathLike[str], *, input_shape: tuple[int, int, int] | None = None) -> Path:
+    """Write ``model`` as ONNX with a dynamic batch dimension, input ``clips`` (B, 3, T, H, W) and output
+    ``scores``. The graph is traced at one clip size: head windows are fixed by it."""
+    c = model.config
+    shape = input_shape or (c.frames, c.train_crop, c.train_crop)
+    path = Path(path)
+    model = copy.deepcopy(model).float().cpu().eval()
+    with warnings.catch_warnings(), torch.inference_mode():
+        warnings.simplefilter("ignore")  # tracer warnings about the window checks: the size is fixed here
+        torch.onnx.export(
+            model, (torch.zeros(1, 3, *shape),), str(path), input_names=["clips"], output_names=["scores"],
+            dynamic_axes={"clips": {0: "batch"}, "scores": {0: "batch"}}, opset_version=17, dynamo=False,
+        )
+    return path
+
+
+def export_openvino(
+    model: X3D, path: str | os.PathLike[str], *, input_shape: tuple[int, int, int] | None = None
+) -> Path:
+    """Write ``model`` as OpenVINO IR (``.xml`` + ``.bin``), converted from its ONNX export."""
+    import openvino as ov
+
+    path = Path(path).with_suffix(".xml")
+    with tempfile.TemporaryDirectory() as tmp:
+        graph = ov.Core().read_model(str(export_onnx(model, Path(tmp) / "x3d.onnx", input_shape=input_shape)))
+        ov.save_model(graph, str(path), compress_to_fp16=False)  # the default halves the weights
+    return path
+
+
+def export_model(model: X3D, path: str | os.PathLike[str], *, format: str,
+                 input_shape: tuple[int, int, int] | None = None) -> tuple[Path, float]:
+    """Write ``model`` as ``onnx`` or ``openvino`` IR, then run the written file (ONNX Runtime, else
+    OpenVINO) against eager PyTorch: returns the path and the max |dp|; raises if they disagree."""
+    c = model.config
+    shape = input_shape or (c.frames, c.train_crop, c.train_crop)
+    runner = "openvino" if format == "openvino" or not installed("onnxruntime") else "onnxruntime"
+    if not installed(runner):
+        raise BackendError(f"{format} export is checked with {runner}, which is not installed "
+                           "(pip install 'x3dnet[fast]')")
+    try:
+        written = (export_openvino if format == "openvino" else export_onnx)(model, path, input_shape=shape)
+    except OSError as e:
+        raise BackendError(f"{path}: cannot write ({e.strerror or e})") from None
+    engine = _ENGINES[runner](model, path=written, device="cpu", precision="fp32", input_shape=shape)
+    return written, check_engine(engine, model)
