@@ -101,7 +101,10 @@ class OnnxRuntimeEngine(Engine):
             raise BackendError(f"onnxruntime: this build has no {provider}")
         with tempfile.TemporaryDirectory() as tmp:
             path = path or export_onnx(model, Path(tmp) / "x3d.onnx", input_shape=self.input_shape)
-            self.session = ort.InferenceSession(str(path), providers=[provider])
+            options = ort.SessionOptions()
+            # Idle threads must not spin: they would steal the cores from whatever runs next.
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            self.session = ort.InferenceSession(str(path), options, providers=[provider])
 
     def __call__(self, clips: Tensor) -> Tensor:
         return torch.from_numpy(self.session.run(None, {"clips": clips.float().cpu().numpy()})[0])

@@ -113,9 +113,12 @@ def profile(
                     })
     if log:
         log(f"timing {len(rows)} rows, {runs} rounds")
-    for _ in range(runs):
-        for row, (engine, clips) in zip(rows, engines, strict=True):
-            row["_times"].append(_timed(engine, clips, device))
+    for run in range(runs):
+        # Each round starts one row later, so every row follows every other as often: an engine whose
+        # threads linger after a call would otherwise slow down always the same neighbour.
+        for i in range(len(rows)):
+            k = (i + run) % len(rows)
+            rows[k]["_times"].append(_timed(*engines[k], device))
     for row in rows:
         times = row.pop("_times")
         rates = [row["batch_size"] / t for t in times]

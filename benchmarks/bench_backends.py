@@ -1,0 +1,95 @@
+"""Engines against eager PyTorch and against OpenVINO run by hand, batch 1, in one interleaved run.
+
+    python benchmarks/bench_backends.py [--rounds 16] [--models x3d_xs x3d_m]
+
+For each model (random weights, training clip): eager torch, torch-opt, ONNX Runtime, OpenVINO fp32 and
+bf16 through x3dnet, and the same ONNX graph compiled and run directly with OpenVINO's own API (no
+x3dnet code in the timed call). Every round times one clip on each, so the ratios hold on a noisy machine.
+Prints clips/s (median over rounds), GFLOP/s (2 x MACs x clips/s) against a same-run fp32 matmul peak,
+and the target ratios: default CPU backend / eager >= 4 (X3D-M fp32), x3dnet's OpenVINO / raw OpenVINO
+>= 0.95, bf16 / fp32 >= 1.6.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import openvino as ov
+import torch
+
+from x3dnet import create_model
+from x3dnet.backends import create_engine, export_onnx, pick_backend
+from x3dnet.profile import count_macs
+
+
+def matmul_peak(seconds: float = 2.0, n: int = 2048) -> float:
+    """fp32 GFLOP/s of torch's matmul on this machine, the best of repeated 2048^3 products."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    best, end = 0.0, time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        t = time.perf_counter()
+        a @ b
+        best = max(best, 2 * n**3 / (time.perf_counter() - t) / 1e9)
+    return best
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=16)
+    parser.add_argument("--models", nargs="+", default=["x3d_xs", "x3d_m"])
+    args = parser.parse_args()
+    peak = matmul_peak()
+    print(f"torch {torch.__version__}, OpenVINO {ov.__version__}, {torch.get_num_threads()} threads; "
+          f"fp32 matmul peak {peak:.0f} GFLOP/s; default CPU backend: {pick_backend('cpu', 'fp32')}")
+    for name in args.models:
+        torch.manual_seed(0)
+        model = create_model(name).eval()
+        c = model.config
+        shape = (c.frames, c.train_crop, c.train_crop)
+        clip = torch.randn(1, 3, *shape)
+        runners = {}
+        for label, backend, precision in [("eager torch", "torch", "fp32"), ("torch-opt", "torch-opt", "fp32"),
+                                          ("onnxruntime", "onnxruntime", "fp32"), ("openvino fp32", "openvino", "fp32"),
+                                          ("openvino bf16", "openvino", "bf16"), ("auto fp32", "auto", "fp32")]:
+            engine = create_engine(model, backend=backend, precision=precision)
+            runners[label] = lambda e=engine, x=clip: e(x)
+        with tempfile.TemporaryDirectory() as tmp:
+            core = ov.Core()
+            graph = core.read_model(str(export_onnx(model, Path(tmp) / "m.onnx")))
+            raw = {}
+            for precision in ("f32", "bf16"):
+                compiled = core.compile_model(graph, "CPU", {"INFERENCE_PRECISION_HINT": precision,
+                                                             "PERFORMANCE_HINT": "LATENCY"})
+                request, data = compiled.create_infer_request(), clip.numpy()
+                raw[precision] = request
+                runners[f"raw openvino {precision}"] = lambda r=request, d=data: r.infer({0: d})
+        times = {k: [] for k in runners}
+        for run in runners.values():  # warm-up
+            run()
+            run()
+        labels = list(runners)
+        for r in range(args.rounds):
+            for i in range(len(labels)):  # rotated each round: every engine follows every other alike
+                label = labels[(i + r) % len(labels)]
+                t = time.perf_counter()
+                runners[label]()
+                times[label].append(time.perf_counter() - t)
+        cps = {k: 1 / statistics.median(v) for k, v in times.items()}
+        gmacs = count_macs(c) / 1e9
+        print(f"\n{name} at {'x'.join(map(str, shape))} ({gmacs:.4f} GMACs), batch 1, {args.rounds} rounds")
+        for label, rate in cps.items():
+            gflops = 2 * gmacs * rate
+            print(f"  {label:18s} {rate:8.2f} clips/s  {gflops:7.1f} GFLOP/s  ({gflops / peak:.0%} of matmul peak)")
+        print(f"  auto / eager:                {cps['auto fp32'] / cps['eager torch']:.2f}  (target >= 4 for x3d_m)")
+        print(f"  openvino fp32 / raw f32:     {cps['openvino fp32'] / cps['raw openvino f32']:.3f}  (target >= 0.95)")
+        print(f"  openvino bf16 / raw bf16:    {cps['openvino bf16'] / cps['raw openvino bf16']:.3f}")
+        print(f"  openvino bf16 / fp32:        {cps['openvino bf16'] / cps['openvino fp32']:.2f}  (target >= 1.6)")
+        print(f"  torch-opt / eager:           {cps['torch-opt'] / cps['eager torch']:.2f}")
+
+
+if __name__ == "__main__":
+    main()
