@@ -7,6 +7,7 @@ import dataclasses
 import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from . import __version__
 from .backends import BACKENDS, PRECISIONS
@@ -120,6 +121,8 @@ def predict_videos(args: argparse.Namespace) -> int:
 
 
 def profile_models(args: argparse.Namespace) -> None:
+    if args.plot and not Path(args.plot).resolve().parent.is_dir():
+        raise X3DNetError(f"{args.plot}: its folder does not exist")
     rows = profile(args.model, backends=args.backend, precisions=args.precision, batch_sizes=args.batch_size,
                    device=args.device, runs=args.runs, warmup=args.warmup, crop=args.crop,
                    log=lambda line: print(line, file=sys.stderr, flush=True))
