@@ -19,6 +19,7 @@ from x3dnet import X3D, load_weights
 from x3dnet.backends import (
     BACKENDS,
     TorchEngine,
+    _cpu_units,
     check_engine,
     create_engine,
     fold_batchnorm,
@@ -96,6 +97,9 @@ def test_auto_and_unsupported_combinations(tiny_a):
         create_engine(tiny_a, backend="onnxruntime", precision="bf16")
     with pytest.raises(BackendError, match="runs fp16 on CUDA only"):
         create_engine(tiny_a, backend="torch", precision="fp16")
+    if "FP16" not in _cpu_units():  # this machine's CPU: bf16 units, no fp16 ones
+        with pytest.raises(BackendError, match="this CPU has no fp16 units"):
+            create_engine(tiny_a, backend="openvino", precision="fp16")
     with pytest.raises(BackendError, match="backend must be"):
         create_engine(tiny_a, backend="tensorrt")
     if not torch.cuda.is_available():

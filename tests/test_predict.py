@@ -62,7 +62,7 @@ def test_scores_are_the_mean_of_view_probabilities(tiny, clip_video, views):
     with torch.inference_mode():
         expected = model(hand_views(clip_video, views)).softmax(1).mean(0)
     result = x3dnet("predict", clip_video, "--weights", weights, "--views", views, "--resize", "bilinear",
-                    "--top", 10, "--json", "--batch-size", 4)
+                    "--top", 10, "--json", "--batch-size", 4, "--backend", "torch")
     assert result.returncode == 0, result.stderr
     out = json.loads(result.stdout)
     assert (out["video"], out["model"], out["views"]) == (str(clip_video), "tiny_a", views)

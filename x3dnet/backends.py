@@ -1,15 +1,16 @@
 """Inference engines behind one interface: eager torch, torch-opt, OpenVINO and ONNX Runtime.
 
 Every engine is built from the one ``X3D`` model (folded, exported or converted from it, never a second
-copy of the network) and, unless told otherwise, checked against eager PyTorch on its first use for
-that model, input size and precision: fp32 must agree to 1e-4 in probability, bf16/fp16 must pick the
-same top-1 class. An engine that disagrees refuses to run.
+copy of the network) and, unless told otherwise, checked against eager PyTorch when it is built, for
+its input size and precision: fp32 must agree to 1e-4 in probability, bf16/fp16 must pick the same
+top-1 class. An engine that disagrees refuses to run.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import importlib.util
 import os
 import tempfile
@@ -162,7 +163,16 @@ def supported(backend: str, device: str, precision: str) -> str | None:
         return "onnxruntime runs fp32 only here"
     if precision == "fp16" and not cuda and backend != "openvino":
         return f"{backend} runs fp16 on CUDA only"
+    if backend == "openvino" and precision != "fp32" and precision.upper() not in _cpu_units():
+        return f"openvino: this CPU has no {precision} units"
     return None
+
+
+@functools.cache
+def _cpu_units() -> tuple[str, ...]:
+    import openvino as ov
+
+    return tuple(ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"))  # e.g. FP32, BF16, FP16, INT8
 
 
 def pick_backend(device: str = "cpu", precision: str = "fp32") -> str:

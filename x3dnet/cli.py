@@ -221,7 +221,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--labels", help="class names, one per line (default: Kinetics-400 for 400-class models)")
     p.add_argument("--batch-size", type=_positive, default=8, help="views per forward pass (default 8)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
-    _engine_flags(p, default_backend="torch")
+    _engine_flags(p, default_backend="auto")
     p.add_argument("--json", action="store_true", help="one JSON object per video")
     p.set_defaults(run=predict_videos)
 

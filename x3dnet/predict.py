@@ -75,7 +75,7 @@ def predict(
     resize: str | None = None,
     batch_size: int = 8,
     device: str = "cpu",
-    backend: str = "torch",
+    backend: str = "auto",
     precision: str = "fp32",
 ) -> Iterator[Prediction | X3DNetError]:
     """Predict each video; a video that cannot be read yields its error, and the others go on.
