@@ -242,7 +242,8 @@ def _read(path: Path) -> tuple[object, dict[str, str]]:
         head = f.read(16)
     if head.startswith(b"PK\x03\x04"):  # torch.save's zip container
         return _torch_load(path), {}
-    if head[8:9] == b"{":  # safetensors: a u64 header length, then the JSON header
+    # safetensors: a u64 header length (safetensors caps it at 100 MB), then the JSON header
+    if head[8:9] == b"{" and int.from_bytes(head[:8], "little") <= 100_000_000:
         try:
             with safetensors.safe_open(str(path), framework="pt") as f:
                 return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
