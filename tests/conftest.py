@@ -56,3 +56,9 @@ def tiny_config(name: str) -> X3DConfig:
 def _isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
     # Never read or fill the user's real weights cache from a test.
     monkeypatch.setenv("X3DNET_HOME", str(tmp_path_factory.mktemp("x3dnet_home")))
+
+
+@pytest.fixture(autouse=True)
+def _seeded() -> None:
+    # Random inputs and weights in tests are the same on every run: a failure can be reproduced.
+    torch.manual_seed(0)
