@@ -36,9 +36,11 @@ class Engine:
 
     backend = "torch"
 
-    def __init__(self, model: X3D, *, device: str, precision: str, input_shape: tuple[int, int, int]):
+    def __init__(self, model: X3D, *, device: str, precision: str, input_shape: tuple[int, int, int],
+                 threads: int | None = None):
         self.config = model.config
         self.device, self.precision, self.input_shape = device, precision, input_shape
+        self.threads = threads  # CPU threads for inference (None: the engine's default, every core)
         self.parity: float | None = None  # max |dp| against eager, once checked
 
     def __call__(self, clips: Tensor) -> Tensor:
@@ -54,6 +56,8 @@ class TorchEngine(Engine):
     def __init__(self, model: X3D, **kw: object):
         super().__init__(model, **kw)
         self.model = model.eval().to(self.device)
+        if self.threads:
+            torch.set_num_threads(self.threads)  # process-wide: torch has no per-model setting
 
     def _autocast(self):
         if self.precision == "fp32":
@@ -105,6 +109,8 @@ class OnnxRuntimeEngine(Engine):
             options = ort.SessionOptions()
             # Idle threads must not spin: they would steal the cores from whatever runs next.
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            if self.threads:
+                options.intra_op_num_threads = self.threads
             self.session = ort.InferenceSession(str(path), options, providers=[provider])
 
     def __call__(self, clips: Tensor) -> Tensor:
@@ -129,6 +135,8 @@ class OpenVinoEngine(Engine):
             graph = core.read_model(str(path))
         hint = self._HINTS[self.precision]
         config = {"INFERENCE_PRECISION_HINT": hint, "PERFORMANCE_HINT": "LATENCY"}
+        if self.threads:
+            config["INFERENCE_NUM_THREADS"] = self.threads
         self.compiled = core.compile_model(graph, "CPU", config)
         runs_in = self.compiled.get_property("INFERENCE_PRECISION_HINT")
         runs_in = runs_in.get_type_name() if hasattr(runs_in, "get_type_name") else str(runs_in)
@@ -188,10 +196,12 @@ def pick_backend(device: str = "cpu", precision: str = "fp32") -> str:
 def create_engine(
     model: X3D, *, backend: str = "auto", device: str = "cpu", precision: str = "fp32",
     input_shape: tuple[int, int, int] | None = None, check: bool = True, compile: bool = False,
+    threads: int | None = None,
 ) -> Engine:
     """An engine for ``model`` on inputs ``(B, 3, *input_shape)`` (default: the training clip).
 
     Exported graphs have a dynamic batch and a fixed clip size; the torch engines take any size.
+    ``threads`` caps the CPU threads it computes with (several processes sharing one machine).
     """
     if precision not in PRECISIONS:
         raise BackendError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
@@ -203,7 +213,7 @@ def create_engine(
         raise BackendError(reason)
     c = model.config
     shape = input_shape or (c.frames, c.train_crop, c.train_crop)
-    kw = {"device": device, "precision": precision, "input_shape": shape}
+    kw = {"device": device, "precision": precision, "input_shape": shape, "threads": threads}
     engine = TorchOptEngine(model, compile=compile, **kw) if backend == "torch-opt" else _ENGINES[backend](model, **kw)
     if check:
         engine.parity = check_engine(engine, model)

@@ -14,10 +14,12 @@ from .backends import BACKENDS, PRECISIONS
 from .backends import export_model as export
 from .checkpoint import convert_checkpoint, load_checkpoint
 from .errors import X3DNetError
+from .evaluate import evaluate
 from .factory import create_model, load_model
 from .layouts import LAYOUTS
 from .predict import kinetics400_classes, predict, read_labels
 from .profile import plot, profile, size_table
+from .synthetic import PATTERNS, make_dataset
 from .video import RESIZE_MODES
 from .views import PLACEMENTS, VIEW_PRESETS
 from .weights import WEIGHTS, cached_path, download_weights
@@ -120,6 +122,25 @@ def predict_videos(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def evaluate_list(args: argparse.Namespace) -> None:
+    out = args.out
+    if out is None:
+        model = args.model or (Path(args.weights).stem if args.weights else "x3d_m")
+        out = Path("x3dnet-runs") / f"{Path(args.data.rstrip('/')).stem}-{model}-{args.placement}-{args.views}v"
+    evaluate(args.data, model=args.model, weights=args.weights, root=args.root, classes=args.classes,
+             views=args.views, placement=args.placement, resize=args.resize, batch_size=args.batch_size,
+             workers=args.workers, out=out, resume=args.resume, save_scores=args.save_scores, device=args.device,
+             backend=args.backend, precision=args.precision, progress=not args.no_progress)
+
+
+def synthesize(args: argparse.Namespace) -> None:
+    made = make_dataset(args.out, videos_per_class=args.videos_per_class, seconds=args.seconds,
+                        size=tuple(args.size), fps=args.fps, seed=args.seed)
+    print(f"wrote {len(made.labels)} videos of {len(PATTERNS)} classes under {made.videos}\n"
+          f"  path-label list: {made.slowfast}\n  Kinetics CSV:    {made.kinetics_csv} (--root {made.videos})\n"
+          f"  class folders:   {made.videos}\n  class names:     {made.classes}")
+
+
 def profile_models(args: argparse.Namespace) -> None:
     if args.plot and not Path(args.plot).resolve().parent.is_dir():
         raise X3DNetError(f"{args.plot}: its folder does not exist")
@@ -169,6 +190,10 @@ def _positive(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, not {text!r}")
     return value
+
+
+def _non_negative(text: str) -> int:
+    return 0 if text.strip() == "0" else _positive(text)
 
 
 def _emit(rows: list[dict[str, object]], as_json: bool) -> None:
@@ -224,6 +249,36 @@ def _parser() -> argparse.ArgumentParser:
     _engine_flags(p, default_backend="auto")
     p.add_argument("--json", action="store_true", help="one JSON object per video")
     p.set_defaults(run=predict_videos)
+
+    p = verbs.add_parser("evaluate", help="top-1/top-5 of a labelled video list (resumable; torchrun shards it)")
+    p.add_argument("--data", required=True, help="a 'path label' list, a Kinetics CSV, or a folder of class folders")
+    p.add_argument("--root", help="where the list's relative paths start (default: the list's folder)")
+    p.add_argument("--classes", help="class names in index order, one per line (default: Kinetics-400)")
+    p.add_argument("--model", help="variant (default: the weights' own, else x3d_m)")
+    p.add_argument("--weights", help="a checkpoint file or a published name (default: the model's SlowFast weights)")
+    p.add_argument("--views", type=int, choices=VIEW_PRESETS, default=30,
+                   help="1 clip, 10 clips x 1 crop, or 10 clips x 3 crops (default 30)")
+    p.add_argument("--placement", choices=PLACEMENTS, default="slowfast",
+                   help="the protocol to reproduce: the original's (slowfast) or the co3d port's")
+    p.add_argument("--resize", choices=RESIZE_MODES, help="short-side resize (default: the placement's own)")
+    p.add_argument("--batch-size", type=_positive, default=8, help="views per forward pass, across videos (default 8)")
+    p.add_argument("--workers", type=_non_negative, default=2, help="decoding processes (default 2; 0: decode inline)")
+    p.add_argument("--out", type=Path, help="results folder (default x3dnet-runs/<list>-<model>-<placement>-<views>v)")
+    p.add_argument("--resume", action="store_true", help="continue the run saved in --out")
+    p.add_argument("--save-scores", action="store_true", help="also write scores.npy: every class's mean probability")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    _engine_flags(p, default_backend="auto")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(run=evaluate_list)
+
+    p = verbs.add_parser("synthesize", help="write a small labelled video dataset to try evaluate on")
+    p.add_argument("out", help="folder to write into")
+    p.add_argument("--videos-per-class", type=_positive, default=2)
+    p.add_argument("--seconds", type=float, default=2.0)
+    p.add_argument("--fps", type=_positive, default=30)
+    p.add_argument("--size", type=_positive, nargs=2, default=[128, 96], metavar=("WIDTH", "HEIGHT"))
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(run=synthesize)
 
     p = verbs.add_parser("profile", help="GMACs, parameters and clips per second of models and engines, measured here")
     p.add_argument("--model", nargs="+", default=["x3d_xs", "x3d_s", "x3d_m", "x3d_l"], metavar="MODEL")

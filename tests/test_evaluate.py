@@ -1,0 +1,277 @@
+"""``x3dnet evaluate`` on a synthetic labelled dataset: scores against ``predict``, metrics by hand, the three
+list formats, failures, determinism across workers, batches and processes, and resuming after a kill."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from conftest import checkpoint_path, tiny_config
+from test_cli import assert_one_line_error, x3dnet
+from test_predict import TINY_RECIPE
+
+from x3dnet import X3D, load_weights, save_checkpoint
+from x3dnet.backends import create_engine
+from x3dnet.evaluate import compute_metrics, evaluate
+from x3dnet.predict import predict_video
+from x3dnet.synthetic import PATTERNS, make_dataset
+from x3dnet.views import view_recipe
+
+USED = (1, 3, 4, 6, 7, 9)  # classes 0, 2, 5 and 8 have no videos: indices must not shift
+TIMING = ("wall_time_s", "videos_per_s", "evaluated_now", "engine", "processes", "batch_size", "workers")
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """tiny_a's reference weights (10 classes) and a synthetic dataset of 6 of the 10 classes, 3 clips each."""
+    model = X3D(tiny_config("tiny_a"))
+    load_weights(model, checkpoint_path("tiny_a", "slowfast"))
+    weights = save_checkpoint(model, tmp_path_factory.mktemp("w") / "tiny_a.safetensors", recipe=TINY_RECIPE)
+    data = make_dataset(tmp_path_factory.mktemp("data"), used=USED, videos_per_class=3, seconds=1.5)
+    return model.eval(), weights, data
+
+
+def run(setup, out, **kw):
+    _, weights, data = setup
+    kw.setdefault("data", data.slowfast)
+    kw = {"classes": data.classes, "weights": weights, "views": 10, "backend": "torch", "workers": 0,
+          "progress": False, "log": lambda line: None, **kw}
+    return evaluate(kw.pop("data"), out=out, **kw)
+
+
+def lines(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def same_results(a, b):
+    """Identical metrics and top-5 classes; scores equal to fp32 noise (another batch size runs other kernels)."""
+    assert {k: v for k, v in a[0].items() if k not in TIMING} == {k: v for k, v in b[0].items() if k not in TIMING}
+    pa, pb = a[1], b[1]
+    assert [(p["video"], p["label"], p["top5"]) for p in pa] == [(p["video"], p["label"], p["top5"]) for p in pb]
+    np.testing.assert_allclose([p["scores"] for p in pa], [p["scores"] for p in pb], atol=1e-5, rtol=0)
+
+
+def test_scores_are_predict_scores_and_metrics_add_up(setup, tmp_path):
+    model, weights, data = setup
+    metrics = run(setup, tmp_path / "run", views=30, batch_size=7, save_scores=True)
+    predictions = lines(tmp_path / "run" / "predictions.jsonl")
+    assert [p["video"] for p in predictions] == data.slowfast.read_text().split()[::2]
+    assert [p["label"] for p in predictions] == list(data.labels) == [c for c in USED for _ in range(3)]
+
+    # Each video's scores are what predict gives it alone: the mean of its 30 views' probabilities.
+    engine = create_engine(model, backend="torch")
+    recipe = view_recipe(TINY_RECIPE, 30)
+    scores = np.load(tmp_path / "run" / "scores.npy")
+    assert scores.shape == (18, 10) and scores.dtype == np.float32
+    right = top5 = 0
+    per_class = {}
+    for p, row in zip(predictions, scores, strict=True):
+        alone = predict_video(engine, data.videos / p["video"], recipe).scores
+        best, order = alone.topk(5)
+        assert p["top5"] == order.tolist()
+        np.testing.assert_allclose(p["scores"], best.numpy(), atol=1e-6, rtol=0)
+        np.testing.assert_allclose(row, alone.numpy(), atol=1e-6, rtol=0)
+        right += order[0] == p["label"]
+        top5 += p["label"] in order.tolist()
+        per_class.setdefault(p["label"], []).append(bool(order[0] == p["label"]))
+    assert metrics["top1"] == pytest.approx(100 * right / 18)
+    assert metrics["top5"] == pytest.approx(100 * top5 / 18)
+    assert metrics["mean_class_accuracy"] == pytest.approx(np.mean([100 * np.mean(v) for v in per_class.values()]))
+    assert [(c["index"], c["name"], c["videos"]) for c in metrics["per_class"]] == [(c, PATTERNS[c], 3) for c in USED]
+    assert 0 < metrics["top5"] < 100  # random weights: the sums above are not trivially all or nothing
+    assert (metrics["videos"], metrics["failed"], metrics["listed"], metrics["views"]) == (18, 0, 18, 30)
+    assert metrics["model"] == "tiny_a"
+    assert metrics["weights_sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()
+    assert metrics["recipe"]["clips"] == 10 and metrics["recipe"]["crops"] == 3 and metrics["recipe"]["crop"] == 80
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text()) == metrics
+
+
+def test_metrics_by_hand():
+    records = [
+        {"label": 0, "top5": [0, 1, 2, 3, 4]}, {"label": 0, "top5": [1, 0, 2, 3, 4]},
+        {"label": 0, "top5": [1, 2, 3, 4, 5]}, {"label": 2, "top5": [2, 0, 1, 3, 4]},
+    ]
+    m = compute_metrics(records, 6)
+    assert m["top1"] == 50.0 and m["top5"] == 75.0
+    assert m["mean_class_accuracy"] == pytest.approx((100 / 3 + 100) / 2)  # classes 1, 3-5 have no videos
+    assert m["per_class"] == [{"index": 0, "videos": 3, "top1": pytest.approx(100 / 3)},
+                              {"index": 2, "videos": 1, "top1": 100.0}]
+
+
+def test_the_three_list_formats_agree(setup, tmp_path):
+    _, _, data = setup
+    listed = run(setup, tmp_path / "list")
+    csv = run(setup, tmp_path / "csv", data=data.kinetics_csv, root=data.videos)
+    tree = run(setup, tmp_path / "tree", data=data.videos)
+    assert (csv["data_format"], tree["data_format"]) == ("kinetics-csv", "folders")
+    strip = ("data", "data_format", "data_sha256", *TIMING)
+    for other in (csv, tree):
+        assert {k: v for k, v in other.items() if k not in strip} == {k: v for k, v in listed.items() if k not in strip}
+    def results(name):  # sorted: the tree lists each class folder's files by name
+        return sorted((p["video"], p["label"], p["top5"]) for p in lines(tmp_path / name / "predictions.jsonl"))
+
+    assert results("csv") == results("tree") == results("list")
+
+
+def test_missing_and_broken_videos_are_counted_and_listed(setup, tmp_path):
+    _, _, data = setup
+    (data.videos / "broken.mp4").write_bytes((data.videos / data.slowfast.read_text().split()[0]).read_bytes()[:900])
+    listing = tmp_path / "val.txt"
+    listing.write_text(data.slowfast.read_text() + "gone.mp4 3\nbroken.mp4 1\n")
+    metrics = run(setup, tmp_path / "run", data=listing, root=data.videos)
+    assert (metrics["videos"], metrics["failed"], metrics["listed"]) == (18, 2, 20)
+    failed = {f["video"]: f["error"] for f in metrics["failed_videos"]}
+    assert set(failed) == {"gone.mp4", "broken.mp4"}
+    assert "gone.mp4: no such file" in failed["gone.mp4"]
+    assert failed["broken.mp4"].startswith(str(data.videos / "broken.mp4"))
+    clean = run(setup, tmp_path / "clean")
+    assert metrics["top1"] == clean["top1"] and metrics["per_class"] == clean["per_class"]  # failures are not guessed
+    assert len(lines(tmp_path / "run" / "predictions.jsonl")) == 18
+
+
+def test_same_results_across_workers_batches_and_processes(setup, tmp_path):
+    _, weights, data = setup
+    results = []
+    for i, kw in enumerate([{"workers": 0, "batch_size": 8}, {"workers": 2, "batch_size": 1},
+                            {"workers": 1, "batch_size": 7}]):
+        metrics = run(setup, tmp_path / str(i), **kw)
+        results.append((metrics, lines(tmp_path / str(i) / "predictions.jsonl")))
+    for other in results[1:]:
+        same_results(results[0], other)
+    # Two processes under torchrun (gloo): each takes every other video, rank 0 gathers.
+    out = tmp_path / "torchrun"
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "x3dnet",
+         "evaluate", "--data", data.slowfast, "--classes", data.classes, "--weights", weights, "--views", "10",
+         "--backend", "torch", "--workers", "1", "--out", out, "--no-progress"],
+        capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr
+    assert "2 processes" in done.stderr
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["processes"] == 2 and not list(out.glob("predictions.rank*.jsonl"))
+    same_results(results[0], (metrics, lines(out / "predictions.jsonl")))
+
+
+def evaluate_cli(setup, out, *extra):
+    _, weights, data = setup
+    return [sys.executable, "-m", "x3dnet", "evaluate", "--data", data.slowfast, "--classes", data.classes,
+            "--weights", weights, "--views", "30", "--backend", "torch", "--workers", "0", "--batch-size", "1",
+            "--out", out, "--no-progress", "--save-scores", *extra]
+
+
+def interrupt(command, log, sig, after=3):
+    """Start ``command``, send ``sig`` once ``log`` holds ``after`` lines; the number of lines it left."""
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and process.poll() is None:
+        if log.exists() and log.read_text().count("\n") >= after:
+            process.send_signal(sig)
+            break
+        time.sleep(0.01)
+    _, err = process.communicate(timeout=120)
+    return process.returncode, err, log.read_text().count("\n")
+
+
+def test_resume_after_a_kill_equals_an_uninterrupted_run(setup, tmp_path):
+    whole = subprocess.run(evaluate_cli(setup, tmp_path / "whole"), capture_output=True, text=True)
+    assert whole.returncode == 0, whole.stderr
+    out = tmp_path / "killed"
+    code, _, kept = interrupt(evaluate_cli(setup, out), out / "predictions.jsonl", signal.SIGKILL)
+    assert code == -signal.SIGKILL and 3 <= kept < 18
+    with open(out / "predictions.jsonl", "a") as f:
+        f.write('{"index": 5, "video": "cut sho')  # a line the kill cut short
+    again = subprocess.run(evaluate_cli(setup, out), capture_output=True, text=True)
+    assert_one_line_error(again, f"{out}: holds an evaluation already; add --resume to continue it")
+    resumed = subprocess.run(evaluate_cli(setup, out, "--resume"), capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"{kept} done earlier, {18 - kept} to go" in resumed.stderr
+    a, b = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("whole", "killed"))
+    assert b["evaluated_now"] == 18 - kept
+    same_results((a, lines(tmp_path / "whole" / "predictions.jsonl")), (b, lines(out / "predictions.jsonl")))
+    np.testing.assert_allclose(np.load(out / "scores.npy"), np.load(tmp_path / "whole" / "scores.npy"), atol=1e-6)
+
+
+def test_ctrl_c_keeps_the_work_and_says_how_to_go_on(setup, tmp_path):
+    out = tmp_path / "run"
+    code, err, kept = interrupt(evaluate_cli(setup, out), out / "predictions.jsonl", signal.SIGINT)
+    assert code == 130 and "Traceback" not in err
+    assert err.rstrip().endswith("the same command with --resume goes on from there\nx3dnet: interrupted")
+    assert kept >= 3
+    saved = lines(out / "predictions.jsonl")
+    probs = np.frombuffer(base64.b64decode(saved[0]["probs"]), "<f4")
+    assert probs.shape == (10,) and abs(probs.sum() - 1) < 1e-5 and probs.argsort()[::-1][0] == saved[0]["top5"][0]
+
+
+def test_a_resumed_run_must_be_the_same_evaluation(setup, tmp_path):
+    model, weights, data = setup
+    run(setup, tmp_path / "run", views=1)
+    other = save_checkpoint(X3D(tiny_config("tiny_a")), tmp_path / "other.safetensors", recipe=TINY_RECIPE)
+    result = x3dnet("evaluate", "--data", data.slowfast, "--classes", data.classes, "--weights", other,
+                    "--views", "1", "--backend", "torch", "--out", tmp_path / "run", "--resume")
+    assert_one_line_error(result, "the run there differs in weights_sha256; resume it with the same list")
+    result = x3dnet("evaluate", "--data", data.slowfast, "--classes", data.classes, "--weights", weights,
+                    "--views", "10", "--backend", "torch", "--out", tmp_path / "run", "--resume")
+    assert_one_line_error(result, "the run there differs in recipe")
+
+
+def test_bad_input_is_one_line(setup, tmp_path):
+    _, weights, data = setup
+    (tmp_path / "bad.txt").write_text("a.mp4 1\nb.mp4 moving sideways\n")
+    base = ("--classes", data.classes, "--weights", weights, "--out", tmp_path / "o", "--backend", "torch")
+    assert_one_line_error(x3dnet("evaluate", "--data", tmp_path / "bad.txt", *base),
+                          f"{tmp_path / 'bad.txt'}:2: unknown label 'sideways'")
+    assert_one_line_error(x3dnet("evaluate", "--data", data.slowfast, "--weights", weights, "--out", tmp_path / "o"),
+                          "the model has 10 classes, not Kinetics-400's 400: name them with --classes FILE")
+    (tmp_path / "five.txt").write_text("a\nb\nc\nd\ne\n")
+    assert_one_line_error(x3dnet("evaluate", "--data", data.slowfast, "--classes", tmp_path / "five.txt",
+                                 "--weights", weights, "--out", tmp_path / "o"),
+                          "five.txt: 5 class names for a model with 10 classes")
+    (tmp_path / "file").write_text("")
+    assert_one_line_error(x3dnet("evaluate", "--data", data.slowfast, *base[:4], "--out", tmp_path / "file"),
+                          "file: exists and is not a folder")
+    result = x3dnet("evaluate", "--data", data.slowfast, *base[:4], "--workers", "-1")
+    assert result.returncode == 2 and "expected a positive integer" in result.stderr
+
+
+def test_synthesize_writes_every_list_format(tmp_path):
+    result = x3dnet("synthesize", tmp_path / "d", "--videos-per-class", "1", "--seconds", "0.5", "--size", "64", "48")
+    assert result.returncode == 0, result.stderr
+    assert "wrote 10 videos of 10 classes" in result.stdout
+    assert len((tmp_path / "d" / "videos" / "slowfast.txt").read_text().splitlines()) == 10
+    assert (tmp_path / "d" / "kinetics_val.csv").read_text().startswith("label,youtube_id,time_start,time_end,split\n")
+    assert sorted(p.name for p in (tmp_path / "d" / "videos").iterdir() if p.is_dir()) == sorted(
+        name.replace(" ", "_") for name in PATTERNS)
+
+
+def test_patterns_are_motion(setup):
+    """The classes differ in motion: the square's centre moves along its class's direction."""
+    import av
+
+    _, _, data = setup
+    for line in data.slowfast.read_text().splitlines()[::3]:
+        video, label = line.split()
+        with av.open(str(data.videos / video)) as c:
+            frames = [torch.from_numpy(f.to_ndarray(format="rgb24")).float() for f in c.decode(video=0)]
+        centres = []
+        for f in frames[:6]:
+            ys, xs = torch.nonzero(f.min(2).values > 150, as_tuple=True)
+            centres.append((xs.float().mean().item(), ys.float().mean().item()) if len(xs) else None)
+        pattern = PATTERNS[int(label)]
+        if pattern == "blinking":
+            assert centres[0] is not None and centres[5] is None
+        elif pattern == "still":
+            assert abs(centres[5][0] - centres[0][0]) < 1 and abs(centres[5][1] - centres[0][1]) < 1
+        else:
+            dx, dy = centres[1][0] - centres[0][0], centres[1][1] - centres[0][1]
+            angle = (np.degrees(np.arctan2(-dy, dx)) + 360) % 360
+            expected = 45 * int(label)
+            assert min(abs(angle - expected), 360 - abs(angle - expected)) < 30 or pattern == "still", (pattern, angle)

@@ -1,0 +1,459 @@
+"""Multi-view evaluation of a labelled video list: top-1, top-5 and per-class accuracy, as the original tests.
+
+Decoding and view building run in DataLoader worker processes; views of several videos share each batch
+through the model; a video's score is the mean of its views' probabilities. Every finished video is
+appended to the run's log as one JSON line and flushed at once, so a crash or Ctrl-C loses at most the
+videos in flight and ``resume=True`` goes on from there with the same final result. Under ``torchrun``
+the videos are dealt out to the processes (gloo on CPU, nccl on CUDA) and gathered on rank 0.
+
+Files in ``out``: ``run.json`` (what is being evaluated: a resumed run must match it),
+``predictions.jsonl`` (one line per video, list order, written when the run finishes; during a run the
+log it is made from, one file per process under torchrun), ``metrics.json``, and with ``save_scores``
+``scores.npy`` (videos x classes mean probabilities in list order, NaN rows for videos that failed).
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import hashlib
+import json
+import os
+import sys
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader
+from torch.utils.data import Dataset as TorchDataset
+from tqdm import tqdm
+
+from . import __version__
+from .backends import create_engine
+from .datasets import Dataset, Sample, read_dataset
+from .errors import ConfigError, X3DNetError
+from .factory import DEFAULT_MODEL, load_model
+from .predict import kinetics400_classes, read_labels
+from .views import ViewRecipe, Views, make_views, view_recipe
+from .weights import get_weights, resolve_weights
+
+LOG = "predictions.jsonl"
+TOP = 5
+# What a resumed run must share with the one it continues; batch size, workers, processes and engine may differ.
+IDENTITY = ("data_sha256", "data_format", "model", "weights_sha256", "classes_sha256", "recipe", "precision",
+            "save_scores")
+
+
+class _VideoViews(TorchDataset):
+    """Item ``i``: (list index, the video's views or None, the error that stopped it or None)."""
+
+    def __init__(self, samples: Sequence[Sample], indices: Sequence[int], recipe: ViewRecipe):
+        self.samples, self.indices, self.recipe = samples, indices, recipe
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> tuple[int, Views | None, str | None]:
+        index = self.indices[i]
+        try:
+            return index, make_views(self.samples[index].path, self.recipe), None
+        except X3DNetError as e:
+            return index, None, str(e)
+        except Exception as e:  # noqa: BLE001 - one video must never end a run of thousands
+            return index, None, f"{self.samples[index].path}: unexpected {type(e).__name__}: {e}"
+
+
+def _as_is(item: object) -> object:
+    return item
+
+
+def evaluate(
+    data: str | os.PathLike[str],
+    *,
+    model: str | None = None,
+    weights: str | os.PathLike[str] | None = None,
+    root: str | os.PathLike[str] | None = None,
+    classes: str | os.PathLike[str] | Sequence[str] | None = None,
+    views: int = 30,
+    placement: str = "slowfast",
+    resize: str | None = None,
+    batch_size: int = 8,
+    workers: int = 2,
+    out: str | os.PathLike[str] | None = None,
+    resume: bool = False,
+    save_scores: bool = False,
+    device: str = "cpu",
+    backend: str = "auto",
+    precision: str = "fp32",
+    progress: bool = True,
+    log: Callable[[str], None] | None = None,
+) -> dict:
+    """Evaluate the videos ``data`` lists (see ``x3dnet.datasets.read_dataset``) and return the metrics.
+
+    The model and its recipe come from ``load_model``; the views are the recipe's 1-, 10- or 30-view preset
+    for ``placement``. ``classes`` (a file, a list, or by default Kinetics-400 for a 400-class model) maps
+    label names to indices. With ``out`` every result is saved as it is made; ``resume`` continues a run
+    saved there. Run under ``torchrun`` to shard the videos over processes; every rank returns the metrics.
+    """
+    log = log or (lambda line: print(line, file=sys.stderr, flush=True))
+    rank, world, local_rank, local_world, owned = _distributed(device)
+    try:
+        if device.startswith("cuda"):
+            if not torch.cuda.is_available():
+                raise ConfigError(f"device {device}: CUDA is not available here")
+            device = f"cuda:{local_rank}" if world > 1 else device
+        return _evaluate(
+            data, model=model, weights=weights, root=root, classes=classes, views=views, placement=placement,
+            resize=resize, batch_size=batch_size, workers=workers, out=Path(out) if out is not None else None,
+            resume=resume, save_scores=save_scores, device=device, backend=backend, precision=precision,
+            progress=progress and rank == 0, log=log if rank == 0 else (lambda line: None),
+            rank=rank, world=world, local_world=local_world,
+        )
+    finally:
+        if owned:
+            dist.destroy_process_group()
+
+
+def _distributed(device: str) -> tuple[int, int, int, int, bool]:
+    """(rank, world size, local rank, local world size, whether this call started the process group)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, 0, 1, False
+    local_rank, local_world = int(os.environ.get("LOCAL_RANK", "0")), int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    owned = not dist.is_initialized()
+    if owned:
+        cuda = device.startswith("cuda") and torch.cuda.is_available()
+        if cuda:
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group("nccl" if cuda else "gloo")
+    return dist.get_rank(), dist.get_world_size(), local_rank, local_world, owned
+
+
+def _evaluate(data, *, model, weights, root, classes, views, placement, resize, batch_size, workers, out, resume,
+              save_scores, device, backend, precision, progress, log, rank, world, local_world) -> dict:
+    source = weights if weights is not None else get_weights(model or DEFAULT_MODEL).name
+    # Rank 0 first: one download into the shared cache, not one per process.
+    net, recipe = _rank0_first(lambda: load_model(model, weights=source), rank, world)
+    weights_path = resolve_weights(source)
+    names = _class_names(classes, net.config.num_classes)
+    dataset = read_dataset(data, classes=names, root=root)
+    try:
+        view_set = view_recipe(recipe, views, placement=placement, resize=resize)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    identity = {
+        "data": str(dataset.source), "data_format": dataset.format, "data_sha256": dataset.sha256,
+        "root": str(root) if root is not None else None, "model": net.config.name, "weights": str(weights_path),
+        "weights_sha256": _sha256(weights_path),
+        "classes_sha256": hashlib.sha256("\n".join(names).encode()).hexdigest(),
+        "recipe": json.loads(json.dumps(dataclasses.asdict(view_set))), "views": view_set.views, "precision": precision,
+        "save_scores": save_scores,
+    }
+
+    # Rank 0 reads what earlier runs finished and tells the others, or tells them why it cannot start.
+    outcome: tuple[str | None, dict[int, dict]] = (None, {})
+    if rank == 0:
+        try:
+            outcome = (None, _open_run(out, identity, resume=resume, dataset=dataset) if out else {})
+        except X3DNetError as e:
+            outcome = (str(e), {})
+    error, done = _broadcast(outcome, world)
+    if error:
+        raise X3DNetError(error)
+    todo = [i for i in range(len(dataset)) if i not in done]
+    shard = todo[rank::world]
+    if rank == 0:
+        log(f"{net.config.name} ({weights_path.name}), {view_set.describe()}")
+        log(f"{dataset.source}: {len(dataset)} videos ({dataset.format})"
+            + (f", {len(done)} done earlier, {len(todo)} to go" if done else "")
+            + (f", {world} processes" if world > 1 else "") + (f"; saving to {out}" if out else ""))
+
+    # Workers fork before the engine starts its thread pools.
+    loader = DataLoader(_VideoViews(dataset.samples, shard, view_set), batch_size=None, collate_fn=_as_is,
+                        num_workers=workers, prefetch_factor=2 if workers else None)
+    items = iter(loader)
+    threads = max(1, (os.cpu_count() or 1) // local_world) if local_world > 1 and device == "cpu" else None
+    engine = create_engine(net, backend=backend, device=device, precision=precision,
+                           input_shape=(view_set.frames, view_set.crop, view_set.crop), threads=threads)
+    if rank == 0:
+        log(f"engine: {engine.describe()}" + (f", max |dp| vs eager {engine.parity:.1e}" if engine.parity else ""))
+
+    path = out / (LOG if world == 1 else f"predictions.rank{rank}.jsonl") if out else None
+    start = time.perf_counter()
+    bar = tqdm(total=len(shard), unit="video", disable=not progress, dynamic_ncols=True,
+               desc=f"rank 0 of {world}" if world > 1 else "evaluate", file=sys.stderr)
+    try:
+        records = _run(engine, items, dataset, batch_size=batch_size, log_path=path, save_scores=save_scores, bar=bar)
+    except KeyboardInterrupt:
+        if out is not None:
+            log(f"{out}: {len(done) + bar.n * world} videos saved; the same command with --resume goes on from there")
+        raise
+    wall = time.perf_counter() - start
+    gathered = _gather(records, world)
+    metrics = None
+    if rank == 0:
+        new = [r for part in gathered for r in part]
+        metrics = _finish(out, identity, dataset, {**done, **{r["index"]: r for r in new}}, new_videos=len(new),
+                          wall=wall, engine=engine.describe(), world=world, batch_size=batch_size, workers=workers,
+                          save_scores=save_scores, log=log)
+    return _broadcast(metrics, world)
+
+
+def _rank0_first(fn: Callable[[], object], rank: int, world: int) -> object:
+    """``fn()`` on rank 0, then on the others; an error on rank 0 is raised on every rank."""
+    error = None
+    if rank == 0:
+        try:
+            result = fn()
+        except X3DNetError as e:
+            error = str(e)
+    error = _broadcast(error, world)
+    if error:
+        raise X3DNetError(error)
+    return result if rank == 0 else fn()
+
+
+def _class_names(classes: str | os.PathLike[str] | Sequence[str] | None, num_classes: int) -> list[str]:
+    if classes is None:
+        if num_classes != 400:
+            raise ConfigError(f"the model has {num_classes} classes, not Kinetics-400's 400: "
+                              f"name them with --classes FILE (one per line, in index order)")
+        return kinetics400_classes()
+    names = read_labels(classes) if isinstance(classes, (str, os.PathLike)) else list(classes)
+    if len(names) != num_classes:
+        raise ConfigError(f"{classes if isinstance(classes, (str, os.PathLike)) else 'classes'}: "
+                          f"{len(names)} class names for a model with {num_classes} classes")
+    return names
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _open_run(out: Path, identity: dict, *, resume: bool, dataset: Dataset) -> dict[int, dict]:
+    """Start a run in ``out`` or, with ``resume``, read the videos an earlier one finished there."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{out}: exists and is not a folder")
+    out.mkdir(parents=True, exist_ok=True)
+    run_file = out / "run.json"
+    logs = sorted(out.glob("predictions*.jsonl"))
+    if not run_file.exists():
+        if logs:
+            raise ConfigError(f"{out}: holds predictions but no run.json; choose another --out")
+        _write_atomic(run_file, json.dumps(identity, indent=2) + "\n")
+        return {}
+    if not resume:
+        raise ConfigError(f"{out}: holds an evaluation already; add --resume to continue it, or choose another --out")
+    try:
+        earlier = json.loads(run_file.read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{run_file}: unreadable ({e})") from None
+    changed = [k for k in IDENTITY if earlier.get(k) != identity[k]]
+    if changed:
+        raise ConfigError(f"{out}: the run there differs in {', '.join(changed)}; resume it with the same "
+                          f"list, weights and views, or choose another --out")
+    done: dict[int, dict] = {}
+    for log in logs:
+        for record in _read_log(log):
+            sample = dataset.samples[record["index"]] if 0 <= record.get("index", -1) < len(dataset) else None
+            if sample is None or sample.video != record.get("video"):
+                raise ConfigError(f"{log}: a record that is not in {dataset.source}: {record.get('video')!r}")
+            if "error" not in record:  # videos that failed are tried again
+                done.setdefault(record["index"], record)
+    return done
+
+
+def _read_log(path: Path) -> list[dict]:
+    """The records of one log; a last line cut short by a crash is dropped from the file."""
+    raw = path.read_bytes()
+    records, offset = [], 0
+    for number, line in enumerate(raw.splitlines(keepends=True), 1):
+        try:
+            if not line.endswith(b"\n"):
+                raise ValueError("cut short")
+            records.append(json.loads(line))
+        except ValueError:
+            if offset + len(line) < len(raw):
+                raise ConfigError(f"{path}:{number}: corrupt record; remove that line to resume") from None
+            with open(path, "r+b") as f:
+                f.truncate(offset)
+            break
+        offset += len(line)
+    return records
+
+
+@torch.inference_mode()
+def _run(engine, items, dataset: Dataset, *, batch_size: int, log_path: Path | None, save_scores: bool,
+         bar: tqdm) -> list[dict]:
+    """Views of consecutive videos fill each batch; a video is recorded when its last view is through."""
+    records: list[dict] = []
+    pending: deque[tuple[dict, int]] = deque()  # (video in flight, view index)
+    correct = evaluated = 0
+    sink = open(log_path, "a", encoding="utf-8") if log_path else None  # noqa: SIM115 - closed below
+
+    def record(r: dict) -> None:
+        nonlocal correct, evaluated
+        records.append(r)
+        if sink:
+            line = {k: v for k, v in r.items() if k != "probs"}
+            if save_scores and "probs" in r:
+                line["probs"] = base64.b64encode(r["probs"].numpy().astype("<f4").tobytes()).decode()
+            sink.write(json.dumps(line) + "\n")
+            sink.flush()
+        bar.update(1)
+        if "top5" in r:
+            evaluated += 1
+            correct += r["top5"][0] == r["label"]
+            bar.set_postfix_str(f"top-1 {100 * correct / evaluated:.1f}%", refresh=False)
+
+    def run_batch() -> None:
+        batch = [pending.popleft() for _ in range(min(batch_size, len(pending)))]
+        clips = torch.stack([video["views"].view(v) for video, v in batch])
+        probs = engine(clips).float().softmax(1).cpu()
+        for (video, v), p in zip(batch, probs, strict=True):
+            video["probs"][v] = p
+            video["left"] -= 1
+            if video["left"] == 0:
+                record(_result(video, dataset))
+
+    try:
+        for index, views, error in items:
+            sample = dataset.samples[index]
+            if error is not None:
+                record({"index": index, "video": sample.video, "label": sample.label, "error": error})
+                continue
+            video = {"index": index, "views": views, "left": len(views),
+                     "probs": torch.empty(len(views), engine.config.num_classes)}
+            pending.extend((video, v) for v in range(len(views)))
+            while len(pending) >= batch_size:
+                run_batch()
+        while pending:
+            run_batch()
+    finally:
+        bar.close()
+        if sink:
+            sink.close()
+    return records
+
+
+def _result(video: dict, dataset: Dataset) -> dict:
+    sample = dataset.samples[video["index"]]
+    mean = video["probs"].mean(0)  # the video's score: the mean of its views' probabilities
+    scores, top = mean.topk(min(TOP, mean.numel()))
+    return {"index": video["index"], "video": sample.video, "label": sample.label, "top5": top.tolist(),
+            "scores": scores.tolist(), "probs": mean}
+
+
+def compute_metrics(records: Sequence[dict], num_classes: int) -> dict:
+    """Top-1, top-5 and mean per-class accuracy (percent) of video records with ``label`` and ``top5``."""
+    videos = np.zeros(num_classes, np.int64)
+    right = np.zeros(num_classes, np.int64)
+    top5 = 0
+    for r in records:
+        videos[r["label"]] += 1
+        right[r["label"]] += r["top5"][0] == r["label"]
+        top5 += r["label"] in r["top5"][:TOP]
+    present = videos > 0
+    n = int(videos.sum())
+    return {
+        "top1": 100 * float(right.sum()) / n if n else 0.0,
+        "top5": 100 * top5 / n if n else 0.0,
+        "mean_class_accuracy": float(np.mean(100 * right[present] / videos[present])) if n else 0.0,
+        "videos": n,
+        "per_class": [{"index": int(c), "videos": int(videos[c]), "top1": 100 * float(right[c] / videos[c])}
+                      for c in np.flatnonzero(present)],
+    }
+
+
+def _finish(out: Path | None, identity: dict, dataset: Dataset, results: dict[int, dict], *, new_videos: int,
+            wall: float, engine: str, world: int, batch_size: int, workers: int, save_scores: bool,
+            log: Callable[[str], None]) -> dict:
+    ordered = [results[i] for i in sorted(results)]
+    done = [r for r in ordered if "error" not in r]
+    failed = [r for r in ordered if "error" in r]
+    accuracy = compute_metrics(done, len(dataset.classes))
+    for row in accuracy["per_class"]:
+        row["name"] = dataset.classes[row["index"]]
+    per_class = accuracy.pop("per_class")
+    metrics = {
+        **accuracy, "failed": len(failed), "listed": len(dataset),
+        "model": identity["model"], "weights": identity["weights"], "weights_sha256": identity["weights_sha256"],
+        "views": identity["views"], "recipe": identity["recipe"],
+        "data": identity["data"], "data_format": identity["data_format"], "data_sha256": identity["data_sha256"],
+        "engine": engine, "processes": world, "batch_size": batch_size, "workers": workers,
+        "evaluated_now": new_videos, "wall_time_s": round(wall, 3),
+        "videos_per_s": round(new_videos / wall, 4) if wall > 0 else None, "x3dnet": __version__,
+        "per_class": per_class,
+        "failed_videos": [{"video": r["video"], "label": r["label"], "error": r["error"]} for r in failed],
+    }
+    if out is not None:
+        lines = [{k: r[k] for k in ("video", "label", "top5", "scores", "index")} for r in done]
+        _write_atomic(out / LOG, "".join(json.dumps(line) + "\n" for line in lines))
+        if save_scores:
+            matrix = np.full((len(dataset), len(dataset.classes)), np.nan, np.float32)
+            for r in done:
+                matrix[r["index"]] = _probs(r)
+            tmp = out / ".scores.npy.part"
+            with open(tmp, "wb") as f:
+                np.save(f, matrix)
+            os.replace(tmp, out / "scores.npy")
+        _write_atomic(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+        for part in out.glob("predictions.rank*.jsonl"):  # merged into predictions.jsonl above
+            part.unlink()
+    _summary(metrics, out, log)
+    return metrics
+
+
+def _probs(record: dict) -> np.ndarray:
+    probs = record["probs"]
+    if isinstance(probs, str):  # as a resumed run reads it back from the log
+        return np.frombuffer(base64.b64decode(probs), "<f4")
+    return probs.numpy()
+
+
+def _summary(m: dict, out: Path | None, log: Callable[[str], None]) -> None:
+    log(f"videos: {m['videos']} evaluated, {m['failed']} failed of {m['listed']} listed")
+    for f in m["failed_videos"][:10]:
+        log(f"  failed: {f['error']}")
+    if m["failed"] > 10:
+        log(f"  ... and {m['failed'] - 10} more (all in metrics.json)")
+    log(f"top-1 {m['top1']:.2f}%  top-5 {m['top5']:.2f}%  mean class accuracy {m['mean_class_accuracy']:.2f}%")
+    if m["evaluated_now"]:
+        log(f"{m['evaluated_now']} videos in {m['wall_time_s']:.1f} s: {m['videos_per_s']:.2f} videos/s")
+    if out is not None:
+        log(f"wrote {out / 'metrics.json'} and {out / LOG}")
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.part")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        dist.barrier()
+
+
+def _broadcast(obj: object, world: int) -> object:
+    if world == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _gather(records: list[dict], world: int) -> list[list[dict]]:
+    if world == 1:
+        return [records]
+    parts = [None] * world if dist.get_rank() == 0 else None
+    dist.gather_object(records, parts, dst=0)
+    return parts
