@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, get_worker_info
 from torch.utils.data import Dataset as TorchDataset
 from tqdm import tqdm
 
@@ -60,7 +60,9 @@ class _VideoViews(TorchDataset):
     def __getitem__(self, i: int) -> tuple[int, Views | None, str | None]:
         index = self.indices[i]
         try:
-            return index, make_views(self.samples[index].path, self.recipe), None
+            # One decoder thread in a worker: the workers and the engine already share every core.
+            threads = 1 if get_worker_info() is not None else 0
+            return index, make_views(self.samples[index].path, self.recipe, threads=threads), None
         except X3DNetError as e:
             return index, None, str(e)
         except Exception as e:  # noqa: BLE001 - one video must never end a run of thousands

@@ -42,13 +42,16 @@ def make_dataset(
     seconds: float = 2.0,
     fps: int = 30,
     size: tuple[int, int] = (128, 96),
+    grain: float = 0.0,
     seed: int = 0,
 ) -> SyntheticDataset:
     """Write ``videos_per_class`` clips for each class index in ``used`` (default: all of ``classes``).
 
     ``classes`` is the full class list in index order (for example the 400 Kinetics names); class index
     ``i`` gets motion pattern ``i % 10``. Listing only some of them in ``used`` makes a dataset where
-    labels must map through the class list, not through the classes present. ``size`` is (width, height).
+    labels must map through the class list, not through the classes present. ``size`` is (width, height);
+    ``grain`` adds fresh noise of that standard deviation to every frame, which brings the bitrate (and the
+    cost of decoding) up to that of camera footage.
     """
     root = Path(root)
     videos = root / "videos"
@@ -63,7 +66,7 @@ def make_dataset(
             start = rng.randrange(0, 300)
             end = start + max(1, math.ceil(seconds))
             clip = f"{folder}/{youtube_id}_{start:06d}_{end:06d}.mp4"
-            _write_clip(videos / clip, label % len(PATTERNS), seconds=seconds, fps=fps, size=size,
+            _write_clip(videos / clip, label % len(PATTERNS), seconds=seconds, fps=fps, size=size, grain=grain,
                         rng=np.random.default_rng(rng.randrange(2**32)))
             lines.append(f"{clip} {label}")
             quoted = f'"{classes[label]}"' if " " in classes[label] else classes[label]
@@ -77,7 +80,7 @@ def make_dataset(
     return paths
 
 
-def _write_clip(path: Path, pattern: int, *, seconds: float, fps: int, size: tuple[int, int],
+def _write_clip(path: Path, pattern: int, *, seconds: float, fps: int, size: tuple[int, int], grain: float,
                 rng: np.random.Generator) -> None:
     width, height = size
     side = max(4, min(width, height) // 4)
@@ -100,6 +103,8 @@ def _write_clip(path: Path, pattern: int, *, seconds: float, fps: int, size: tup
                 x, y = x0, y0
             if pattern != 8 or (t // 5) % 2 == 0:
                 image[int(y):int(y) + side, int(x):int(x) + side] = colour
+            if grain:
+                image = np.clip(image + rng.normal(0, grain, image.shape), 0, 255).astype(np.uint8)
             for packet in stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
                 out.mux(packet)
         for packet in stream.encode():

@@ -164,12 +164,14 @@ def probe(path: str | os.PathLike[str]) -> VideoInfo:
 
 
 def read_segments(
-    path: str | os.PathLike[str], windows: Sequence[Window], convert: Callable[[av.VideoFrame], Tensor],
+    path: str | os.PathLike[str], windows: Sequence[Window], convert: Callable[[av.VideoFrame], Tensor], *,
+    threads: int = 0,
 ) -> list[Segment | None]:
     """Decode ``path`` once and return, per window, its segment (None where no frame fell in it).
 
     Windows are visited in order of start; a gap of more than two seconds to the next one is crossed by
-    seeking to the key frame before it, so a long video is decoded only around its clips.
+    seeking to the key frame before it, so a long video is decoded only around its clips. ``threads``:
+    decoder threads (0: as many as FFmpeg likes; 1 where several decoders share the cores).
     """
     order = sorted(range(len(windows)), key=lambda i: windows[i].start)
     collectors = [_Collector(w, frozenset(w.positions)) for w in windows]
@@ -186,7 +188,7 @@ def read_segments(
     with _open(path) as container:
         time_base = _info(path, container).time_base
         stream = container.streams.video[0]
-        stream.thread_type = "AUTO"
+        _threads(stream, threads)
         frames = _decode(path, container, stream)
         pending, active = list(order), []
         ordinal, position, seekable, seeked, sought = 0, None, bool(time_base), False, None
@@ -221,12 +223,18 @@ def read_segments(
     return segments
 
 
-def count_frames(path: str | os.PathLike[str]) -> int:
+def count_frames(path: str | os.PathLike[str], *, threads: int = 0) -> int:
     """Decode the whole video and count its frames (for files whose header has no usable count)."""
     with _open(path) as container:
         stream = container.streams.video[0]
-        stream.thread_type = "AUTO"
+        _threads(stream, threads)
         return sum(1 for _ in _decode(path, container, stream))
+
+
+def _threads(stream: av.video.stream.VideoStream, threads: int) -> None:
+    if threads != 1:
+        stream.thread_type = "AUTO"
+        stream.thread_count = threads
 
 
 class _open:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -145,32 +145,50 @@ class Views:
 
     def view(self, index: int) -> Tensor:
         """View ``index`` (clip ``index // crops``, crop ``index % crops``) as normalised float (3, T, S, S)."""
-        clip = self.clips[index // len(self.offsets)]
-        y, x = self.offsets[index % len(self.offsets)]
-        s = self.recipe.crop
-        if clip.dtype == torch.uint8:
-            # (T, H, W, 3) uint8 -> crop -> float in [0, 1] -> normalised -> (3, T, S, S)
-            x_ = clip[:, y:y + s, x:x + s].float() / 255.0
-            x_ = (x_ - torch.tensor(self.recipe.mean)) / torch.tensor(self.recipe.std)
-            return x_.permute(3, 0, 1, 2)
-        return clip[:, :, y:y + s, x:x + s]
+        return self.stack(range(index, index + 1))[0]
+
+    def stack(self, indices: Sequence[int]) -> Tensor:
+        """Views ``indices`` as one normalised float batch (B, 3, T, S, S)."""
+        s, crops = self.recipe.crop, len(self.offsets)
+        first = self.clips[0]
+        channels_last = first.dtype == torch.uint8
+        frames = first.shape[0] if channels_last else first.shape[1]
+        out = torch.empty(len(indices), 3, frames, s, s)
+        for b, i in enumerate(indices):
+            clip = self.clips[i // crops]
+            y, x = self.offsets[i % crops]
+            if channels_last:  # (T, H, W, 3) uint8 -> crop -> (3, T, S, S) float, in one copy
+                out[b].copy_(clip[:, y:y + s, x:x + s].permute(3, 0, 1, 2))
+            else:  # already normalised float (3, T, H, W)
+                out[b].copy_(clip[:, :, y:y + s, x:x + s])
+        if channels_last:
+            # In place, in the original's order of operations: x / 255, then (x - mean) / std.
+            out.div_(255.0)
+            mean, std = self.recipe.mean, self.recipe.std
+            if len(set(mean)) == 1 and len(set(std)) == 1:
+                out.sub_(mean[0]).div_(std[0])
+            else:
+                for c in range(3):
+                    out[:, c].sub_(mean[c]).div_(std[c])
+        return out
 
     def batches(self, batch_size: int) -> Iterator[Tensor]:
         """Consecutive views stacked to (B, 3, T, S, S)."""
         for first in range(0, len(self), batch_size):
-            yield torch.stack([self.view(i) for i in range(first, min(first + batch_size, len(self)))])
+            yield self.stack(range(first, min(first + batch_size, len(self))))
 
     def tensor(self) -> Tensor:
         """All views, (V, 3, T, S, S)."""
-        return torch.stack([self.view(i) for i in range(len(self))])
+        return self.stack(range(len(self)))
 
 
-def make_views(path: str | os.PathLike[str], recipe: ViewRecipe) -> Views:
+def make_views(path: str | os.PathLike[str], recipe: ViewRecipe, *, threads: int = 0) -> Views:
     """Decode ``path`` once and build its ``recipe.views`` views.
 
     Clips are placed from the stream header and read on their own pts windows, as the original does. A clip
     whose window holds no frame (or every clip, when the header gives no duration or frame count) is
     placed instead on the frames of the whole video, counted by decoding it: the original's fallback.
+    ``threads``: decoder threads (0: FFmpeg's choice).
     """
     info = probe(path)
     fmt = FrameFormat(recipe.short_side, recipe.resize, recipe.mean, recipe.std)
@@ -182,17 +200,17 @@ def make_views(path: str | os.PathLike[str], recipe: ViewRecipe) -> Views:
         p = info.pts_per_frame
         windows = [Window(int(s * p), int((s + span - 1) * p), local)
                    for s in clip_starts(info.frames, span, recipe.clips, recipe.placement)]
-        segments = read_segments(path, windows, fmt)
+        segments = read_segments(path, windows, fmt, threads=threads)
         decoded = ["window" if s is not None else "whole" for s in segments]
     missing = [i for i, s in enumerate(segments) if s is None]
     if missing:
-        n = count_frames(path)
+        n = count_frames(path, threads=threads)
         if n == 0:
             raise VideoError(f"{path}: has no frames")
         starts = clip_starts(n, span, recipe.clips, recipe.placement)
         windows = [Window(-math.inf, math.inf, frame_positions(starts[i], starts[i] + span - 1, recipe.frames),
                           one_past=False) for i in missing]
-        for i, segment in zip(missing, read_segments(path, windows, fmt), strict=True):
+        for i, segment in zip(missing, read_segments(path, windows, fmt, threads=threads), strict=True):
             segments[i] = segment
     h, w = segments[0].frames[0].shape[:2] if recipe.resize == "area" else segments[0].frames[0].shape[1:]
     try:
