@@ -21,6 +21,7 @@ from test_predict import TINY_RECIPE
 
 from x3dnet import X3D, load_weights, save_checkpoint
 from x3dnet.backends import create_engine
+from x3dnet.errors import X3DNetError
 from x3dnet.evaluate import compute_metrics, evaluate
 from x3dnet.predict import predict_video
 from x3dnet.synthetic import PATTERNS, make_dataset
@@ -136,6 +137,15 @@ def test_missing_and_broken_videos_are_counted_and_listed(setup, tmp_path):
     clean = run(setup, tmp_path / "clean")
     assert metrics["top1"] == clean["top1"] and metrics["per_class"] == clean["per_class"]  # failures are not guessed
     assert len(lines(tmp_path / "run" / "predictions.jsonl")) == 18
+    # Resuming a finished run tries the two failed videos again, and only those.
+    before = lines(tmp_path / "run" / "predictions.jsonl")
+    (data.videos / "gone.mp4").write_bytes((data.videos / data.slowfast.read_text().split()[0]).read_bytes())
+    again = run(setup, tmp_path / "run", data=listing, root=data.videos, resume=True)
+    (data.videos / "gone.mp4").unlink()
+    assert (again["videos"], again["failed"], again["evaluated_now"]) == (19, 1, 2)
+    assert [f["video"] for f in again["failed_videos"]] == ["broken.mp4"]
+    after = lines(tmp_path / "run" / "predictions.jsonl")
+    assert after[:18] == before and after[18]["video"] == "gone.mp4" and after[18]["top5"] == before[0]["top5"]
 
 
 def test_same_results_across_workers_batches_and_processes(setup, tmp_path):
@@ -198,6 +208,22 @@ def test_resume_after_a_kill_equals_an_uninterrupted_run(setup, tmp_path):
     assert b["evaluated_now"] == 18 - kept
     same_results((a, lines(tmp_path / "whole" / "predictions.jsonl")), (b, lines(out / "predictions.jsonl")))
     np.testing.assert_allclose(np.load(out / "scores.npy"), np.load(tmp_path / "whole" / "scores.npy"), atol=1e-6)
+    # Resuming a finished run changes nothing; its probabilities come back from scores.npy.
+    before = (out / "scores.npy").read_bytes(), (out / "predictions.jsonl").read_text()
+    finished = subprocess.run(evaluate_cli(setup, out, "--resume"), capture_output=True, text=True)
+    assert finished.returncode == 0, finished.stderr
+    assert "18 done earlier, 0 to go" in finished.stderr
+    assert ((out / "scores.npy").read_bytes(), (out / "predictions.jsonl").read_text()) == before
+
+
+def test_a_corrupt_record_inside_a_log_is_named(setup, tmp_path):
+    out = tmp_path / "run"
+    run(setup, out, views=1)
+    text = (out / "predictions.jsonl").read_text().splitlines()
+    text[4] = text[4][:30]
+    (out / "predictions.jsonl").write_text("\n".join(text) + "\n")
+    with pytest.raises(X3DNetError, match=rf"{out / 'predictions.jsonl'}:5: corrupt record; remove that line"):
+        run(setup, out, views=1, resume=True)
 
 
 def test_ctrl_c_keeps_the_work_and_says_how_to_go_on(setup, tmp_path):

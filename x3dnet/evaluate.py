@@ -262,14 +262,22 @@ def _open_run(out: Path, identity: dict, *, resume: bool, dataset: Dataset) -> d
     if changed:
         raise ConfigError(f"{out}: the run there differs in {', '.join(changed)}; resume it with the same "
                           f"list, weights and views, or choose another --out")
+    # A finished run's predictions.jsonl has no probabilities: those are in its scores.npy.
+    scores = out / "scores.npy"
+    saved = np.load(scores, mmap_mode="r") if identity["save_scores"] and scores.exists() else None
     done: dict[int, dict] = {}
     for log in logs:
         for record in _read_log(log):
             sample = dataset.samples[record["index"]] if 0 <= record.get("index", -1) < len(dataset) else None
             if sample is None or sample.video != record.get("video"):
                 raise ConfigError(f"{log}: a record that is not in {dataset.source}: {record.get('video')!r}")
-            if "error" not in record:  # videos that failed are tried again
-                done.setdefault(record["index"], record)
+            if "error" in record:  # videos that failed are tried again
+                continue
+            if identity["save_scores"] and "probs" not in record:
+                if saved is None or saved.shape != (len(dataset), len(dataset.classes)):
+                    continue  # its probabilities are lost: evaluate it again
+                record["probs"] = torch.from_numpy(np.array(saved[record["index"]]))
+            done.setdefault(record["index"], record)
     return done
 
 
