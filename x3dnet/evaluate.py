@@ -184,6 +184,8 @@ def _evaluate(data, *, model, weights, root, classes, views, placement, resize, 
     if rank == 0:
         log(f"engine: {engine.describe()}" + (f", max |dp| vs eager {engine.parity:.1e}" if engine.parity else ""))
 
+    if rank == 0 and out and not (out / "run.json").exists():
+        _write_atomic(out / "run.json", json.dumps(identity, indent=2) + "\n")
     path = out / (LOG if world == 1 else f"predictions.rank{rank}.jsonl") if out else None
     start = time.perf_counter()
     bar = tqdm(total=len(shard), unit="video", disable=not progress, dynamic_ncols=True,
@@ -250,8 +252,7 @@ def _open_run(out: Path, identity: dict, *, resume: bool, dataset: Dataset) -> d
     if not run_file.exists():
         if logs:
             raise ConfigError(f"{out}: holds predictions but no run.json; choose another --out")
-        _write_atomic(run_file, json.dumps(identity, indent=2) + "\n")
-        return {}
+        return {}  # run.json is written once the engine has started
     if not resume:
         raise ConfigError(f"{out}: holds an evaluation already; add --resume to continue it, or choose another --out")
     try:
