@@ -23,6 +23,7 @@ import sys
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -131,7 +132,9 @@ def _distributed(device: str) -> tuple[int, int, int, int, bool]:
         cuda = device.startswith("cuda") and torch.cuda.is_available()
         if cuda:
             torch.cuda.set_device(local_rank)
-        dist.init_process_group("nccl" if cuda else "gloo")
+        # Ranks wait for each other at the start (rank 0 may be downloading weights) and at the end (the
+        # last shard may take longer): far beyond the default half hour on a large list.
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(hours=12))
     return dist.get_rank(), dist.get_world_size(), local_rank, local_world, owned
 
 
@@ -157,21 +160,22 @@ def _evaluate(data, *, model, weights, root, classes, views, placement, resize, 
     }
 
     # Rank 0 reads what earlier runs finished and tells the others, or tells them why it cannot start.
-    outcome: tuple[str | None, dict[int, dict]] = (None, {})
+    error, done = None, {}
     if rank == 0:
         try:
-            outcome = (None, _open_run(out, identity, resume=resume, dataset=dataset) if out else {})
+            done = _open_run(out, identity, resume=resume, dataset=dataset) if out else {}
         except X3DNetError as e:
-            outcome = (str(e), {})
-    error, done = _broadcast(outcome, world)
+            error = str(e)
+    error, finished = _broadcast((error, sorted(done)), world)
     if error:
         raise X3DNetError(error)
-    todo = [i for i in range(len(dataset)) if i not in done]
+    skip = set(finished)
+    todo = [i for i in range(len(dataset)) if i not in skip]
     shard = todo[rank::world]
     if rank == 0:
         log(f"{net.config.name} ({weights_path.name}), {view_set.describe()}")
         log(f"{dataset.source}: {len(dataset)} videos ({dataset.format})"
-            + (f", {len(done)} done earlier, {len(todo)} to go" if done else "")
+            + (f", {len(finished)} done earlier, {len(todo)} to go" if finished else "")
             + (f", {world} processes" if world > 1 else "") + (f"; saving to {out}" if out else ""))
 
     # Workers fork before the engine starts its thread pools.
@@ -190,11 +194,14 @@ def _evaluate(data, *, model, weights, root, classes, views, placement, resize, 
     start = time.perf_counter()
     bar = tqdm(total=len(shard), unit="video", disable=not progress, dynamic_ncols=True,
                desc=f"rank 0 of {world}" if world > 1 else "evaluate", file=sys.stderr)
+    records: list[dict] = []
     try:
-        records = _run(engine, items, dataset, batch_size=batch_size, log_path=path, save_scores=save_scores, bar=bar)
+        _run(engine, items, dataset, records, batch_size=batch_size, log_path=path, save_scores=save_scores, bar=bar)
     except KeyboardInterrupt:
         if out is not None:
-            log(f"{out}: {len(done) + bar.n * world} videos saved; the same command with --resume goes on from there")
+            saved = len(finished) + len(records)
+            log(f"{out}: {saved} videos saved{' by rank 0 and before' if world > 1 else ''}; "
+                f"the same command with --resume goes on from there")
         raise
     wall = time.perf_counter() - start
     gathered = _gather(records, world)
@@ -302,10 +309,10 @@ def _read_log(path: Path) -> list[dict]:
 
 
 @torch.inference_mode()
-def _run(engine, items, dataset: Dataset, *, batch_size: int, log_path: Path | None, save_scores: bool,
-         bar: tqdm) -> list[dict]:
-    """Views of consecutive videos fill each batch; a video is recorded when its last view is through."""
-    records: list[dict] = []
+def _run(engine, items, dataset: Dataset, records: list[dict], *, batch_size: int, log_path: Path | None,
+         save_scores: bool, bar: tqdm) -> None:
+    """Views of consecutive videos fill each batch; a video is recorded (appended to ``records`` and to the
+    log) when its last view is through."""
     pending: deque[tuple[dict, int]] = deque()  # (video in flight, view index)
     correct = evaluated = 0
     sink = open(log_path, "a", encoding="utf-8") if log_path else None  # noqa: SIM115 - closed below
@@ -327,7 +334,13 @@ def _run(engine, items, dataset: Dataset, *, batch_size: int, log_path: Path | N
 
     def run_batch() -> None:
         batch = [pending.popleft() for _ in range(min(batch_size, len(pending)))]
-        clips = torch.stack([video["views"].view(v) for video, v in batch])
+        r = batch[0][0]["views"].recipe
+        clips = torch.empty(len(batch), 3, r.frames, r.crop, r.crop)
+        first = 0
+        for last in range(1, len(batch) + 1):  # each video's run of views is cut straight into the batch
+            if last == len(batch) or batch[last][0] is not batch[first][0]:
+                batch[first][0]["views"].stack([v for _, v in batch[first:last]], out=clips[first:last])
+                first = last
         probs = engine(clips).float().softmax(1).cpu()
         for (video, v), p in zip(batch, probs, strict=True):
             video["probs"][v] = p
@@ -352,7 +365,6 @@ def _run(engine, items, dataset: Dataset, *, batch_size: int, log_path: Path | N
         bar.close()
         if sink:
             sink.close()
-    return records
 
 
 def _result(video: dict, dataset: Dataset) -> dict:

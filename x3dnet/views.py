@@ -147,13 +147,14 @@ class Views:
         """View ``index`` (clip ``index // crops``, crop ``index % crops``) as normalised float (3, T, S, S)."""
         return self.stack(range(index, index + 1))[0]
 
-    def stack(self, indices: Sequence[int]) -> Tensor:
-        """Views ``indices`` as one normalised float batch (B, 3, T, S, S)."""
+    def stack(self, indices: Sequence[int], *, out: Tensor | None = None) -> Tensor:
+        """Views ``indices`` as one normalised float batch (B, 3, T, S, S), written into ``out`` if given."""
         s, crops = self.recipe.crop, len(self.offsets)
         first = self.clips[0]
         channels_last = first.dtype == torch.uint8
         frames = first.shape[0] if channels_last else first.shape[1]
-        out = torch.empty(len(indices), 3, frames, s, s)
+        if out is None:
+            out = torch.empty(len(indices), 3, frames, s, s)
         for b, i in enumerate(indices):
             clip = self.clips[i // crops]
             y, x = self.offsets[i % crops]
