@@ -5,16 +5,11 @@ through the model; a video's score is the mean of its views' probabilities. Ever
 appended to the run's log as one JSON line and flushed at once, so a crash or Ctrl-C loses at most the
 videos in flight and ``resume=True`` goes on from there with the same final result. Under ``torchrun``
 the videos are dealt out to the processes (gloo on CPU, nccl on CUDA) and gathered on rank 0.
-
-Files in ``out``: ``run.json`` (what is being evaluated: a resumed run must match it),
-``predictions.jsonl`` (one line per video, list order, written when the run finishes; during a run the
-log it is made from, one file per process under torchrun), ``metrics.json``, and with ``save_scores``
-``scores.npy`` (videos x classes mean probabilities in list order, NaN rows for videos that failed).
+The files a run keeps in ``out`` are ``x3dnet.runs``'s.
 """
 
 from __future__ import annotations
 
-import base64
 import dataclasses
 import hashlib
 import json
@@ -39,15 +34,12 @@ from .datasets import Dataset, Sample, read_dataset
 from .errors import ConfigError, X3DNetError
 from .factory import DEFAULT_MODEL, load_model
 from .predict import kinetics400_classes, read_labels
+from .runs import LOG, log_line, log_path, open_run, start_run, write_results
 from .views import ViewRecipe, Views, make_views, view_recipe
 from .weights import get_weights, resolve_weights
 
-LOG = "predictions.jsonl"
 TOP = 5
 WORKER_NICE = 5
-# What a resumed run must share with the one it continues; batch size, workers, processes and engine may differ.
-IDENTITY = ("data_sha256", "data_format", "model", "weights_sha256", "classes_sha256", "recipe", "precision",
-            "save_scores")
 
 
 class _VideoViews(TorchDataset):
@@ -171,7 +163,7 @@ def _evaluate(data, *, model, weights, root, classes, views, placement, resize, 
     error, done = None, {}
     if rank == 0:
         try:
-            done = _open_run(out, identity, resume=resume, dataset=dataset) if out else {}
+            done = open_run(out, identity, resume=resume, dataset=dataset) if out else {}
         except X3DNetError as e:
             error = str(e)
     error, finished = _broadcast((error, sorted(done)), world)
@@ -196,9 +188,9 @@ def _evaluate(data, *, model, weights, root, classes, views, placement, resize, 
     if rank == 0:
         log(f"engine: {engine.describe()}" + (f", max |dp| vs eager {engine.parity:.1e}" if engine.parity else ""))
 
-    if rank == 0 and out and not (out / "run.json").exists():
-        _write_atomic(out / "run.json", json.dumps(identity, indent=2) + "\n")
-    path = out / (LOG if world == 1 else f"predictions.rank{rank}.jsonl") if out else None
+    if rank == 0 and out:
+        start_run(out, identity)
+    path = log_path(out, rank, world) if out else None
     start = time.perf_counter()
     bar = tqdm(total=len(shard), unit="video", disable=not progress, dynamic_ncols=True,
                desc=f"rank 0 of {world}" if world > 1 else "evaluate", file=sys.stderr)
@@ -257,65 +249,6 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _open_run(out: Path, identity: dict, *, resume: bool, dataset: Dataset) -> dict[int, dict]:
-    """Start a run in ``out`` or, with ``resume``, read the videos an earlier one finished there."""
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"{out}: exists and is not a folder")
-    out.mkdir(parents=True, exist_ok=True)
-    run_file = out / "run.json"
-    logs = sorted(out.glob("predictions*.jsonl"))
-    if not run_file.exists():
-        if logs:
-            raise ConfigError(f"{out}: holds predictions but no run.json; choose another --out")
-        return {}  # run.json is written once the engine has started
-    if not resume:
-        raise ConfigError(f"{out}: holds an evaluation already; add --resume to continue it, or choose another --out")
-    try:
-        earlier = json.loads(run_file.read_text())
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"{run_file}: unreadable ({e})") from None
-    changed = [k for k in IDENTITY if earlier.get(k) != identity[k]]
-    if changed:
-        raise ConfigError(f"{out}: the run there differs in {', '.join(changed)}; resume it with the same "
-                          f"list, weights and views, or choose another --out")
-    # A finished run's predictions.jsonl has no probabilities: those are in its scores.npy.
-    scores = out / "scores.npy"
-    saved = np.load(scores, mmap_mode="r") if identity["save_scores"] and scores.exists() else None
-    done: dict[int, dict] = {}
-    for log in logs:
-        for record in _read_log(log):
-            sample = dataset.samples[record["index"]] if 0 <= record.get("index", -1) < len(dataset) else None
-            if sample is None or sample.video != record.get("video"):
-                raise ConfigError(f"{log}: a record that is not in {dataset.source}: {record.get('video')!r}")
-            if "error" in record:  # videos that failed are tried again
-                continue
-            if identity["save_scores"] and "probs" not in record:
-                if saved is None or saved.shape != (len(dataset), len(dataset.classes)):
-                    continue  # its probabilities are lost: evaluate it again
-                record["probs"] = torch.from_numpy(np.array(saved[record["index"]]))
-            done.setdefault(record["index"], record)
-    return done
-
-
-def _read_log(path: Path) -> list[dict]:
-    """The records of one log; a last line cut short by a crash is dropped from the file."""
-    raw = path.read_bytes()
-    records, offset = [], 0
-    for number, line in enumerate(raw.splitlines(keepends=True), 1):
-        try:
-            if not line.endswith(b"\n"):
-                raise ValueError("cut short")
-            records.append(json.loads(line))
-        except ValueError:
-            if offset + len(line) < len(raw):
-                raise ConfigError(f"{path}:{number}: corrupt record; remove that line to resume") from None
-            with open(path, "r+b") as f:
-                f.truncate(offset)
-            break
-        offset += len(line)
-    return records
-
-
 @torch.inference_mode()
 def _run(engine, items, dataset: Dataset, records: list[dict], *, batch_size: int, log_path: Path | None,
          save_scores: bool, bar: tqdm) -> None:
@@ -329,10 +262,7 @@ def _run(engine, items, dataset: Dataset, records: list[dict], *, batch_size: in
         nonlocal correct, evaluated
         records.append(r)
         if sink:
-            line = {k: v for k, v in r.items() if k != "probs"}
-            if save_scores and "probs" in r:
-                line["probs"] = base64.b64encode(r["probs"].numpy().astype("<f4").tobytes()).decode()
-            sink.write(json.dumps(line) + "\n")
+            sink.write(log_line(r, save_scores=save_scores))
             sink.flush()
         bar.update(1)
         if "top5" in r:
@@ -426,28 +356,9 @@ def _finish(out: Path | None, identity: dict, dataset: Dataset, results: dict[in
         "failed_videos": [{"video": r["video"], "label": r["label"], "error": r["error"]} for r in failed],
     }
     if out is not None:
-        lines = [{k: r[k] for k in ("video", "label", "top5", "scores", "index")} for r in done]
-        _write_atomic(out / LOG, "".join(json.dumps(line) + "\n" for line in lines))
-        if save_scores:
-            matrix = np.full((len(dataset), len(dataset.classes)), np.nan, np.float32)
-            for r in done:
-                matrix[r["index"]] = _probs(r)
-            tmp = out / ".scores.npy.part"
-            with open(tmp, "wb") as f:
-                np.save(f, matrix)
-            os.replace(tmp, out / "scores.npy")
-        _write_atomic(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
-        for part in out.glob("predictions.rank*.jsonl"):  # merged into predictions.jsonl above
-            part.unlink()
+        write_results(out, dataset, done, metrics, save_scores=save_scores)
     _summary(metrics, out, log)
     return metrics
-
-
-def _probs(record: dict) -> np.ndarray:
-    probs = record["probs"]
-    if isinstance(probs, str):  # as a resumed run reads it back from the log
-        return np.frombuffer(base64.b64decode(probs), "<f4")
-    return probs.numpy()
 
 
 def _summary(m: dict, out: Path | None, log: Callable[[str], None]) -> None:
@@ -461,17 +372,6 @@ def _summary(m: dict, out: Path | None, log: Callable[[str], None]) -> None:
         log(f"{m['evaluated_now']} videos in {m['wall_time_s']:.1f} s: {m['videos_per_s']:.2f} videos/s")
     if out is not None:
         log(f"wrote {out / 'metrics.json'} and {out / LOG}")
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.part")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def _barrier(world: int) -> None:
-    if world > 1:
-        dist.barrier()
 
 
 def _broadcast(obj: object, world: int) -> object:
