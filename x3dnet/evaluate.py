@@ -199,7 +199,7 @@ def _evaluate(data, *, model, weights, root, classes, views, placement, resize, 
         _run(engine, items, dataset, records, batch_size=batch_size, log_path=path, save_scores=save_scores, bar=bar)
     except KeyboardInterrupt:
         if out is not None:
-            saved = len(finished) + len(records)
+            saved = len(finished) + sum("top5" in r for r in records)  # failed ones are tried again
             log(f"{out}: {saved} videos saved{' by rank 0 and before' if world > 1 else ''}; "
                 f"the same command with --resume goes on from there")
         raise
