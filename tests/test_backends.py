@@ -29,6 +29,7 @@ from x3dnet.backends import (
 from x3dnet.errors import BackendError
 
 INSTALLED = [b for b in BACKENDS if installed(b)]
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
 @pytest.fixture(scope="module")
@@ -59,6 +60,22 @@ def test_bf16_engines_pick_the_original_top1(tiny_a, backend):
     x = io["x_train"].float()
     engine = create_engine(tiny_a, backend=backend, precision="bf16", input_shape=tuple(x.shape[2:]))
     assert engine(x).argmax(1).tolist() == io["probs_train"].argmax(1).tolist()
+
+
+@CUDA
+@pytest.mark.parametrize("backend", ["torch", "torch-opt"])
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("crop", ["train", "test"])
+def test_cuda_engines_match_the_original(tiny_a, backend, precision, crop):
+    io = reference_io("tiny_a")
+    x, expected = io[f"x_{crop}"].float(), io[f"probs_{crop}"]
+    engine = create_engine(tiny_a, backend=backend, device="cuda", precision=precision,
+                           input_shape=tuple(x.shape[2:]))
+    probs = engine(x).softmax(1).cpu()
+    if precision == "fp32":
+        torch.testing.assert_close(probs, expected, atol=1e-5, rtol=0)
+    else:
+        assert probs.argmax(1).tolist() == expected.argmax(1).tolist()
 
 
 def test_folding_batchnorm_is_exact(tiny_a):

@@ -171,6 +171,16 @@ def test_same_results_across_workers_batches_and_processes(setup, tmp_path):
     same_results(results[0], (metrics, lines(out / "predictions.jsonl")))
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_gives_the_cpu_results(setup, tmp_path):
+    cpu = run(setup, tmp_path / "cpu", workers=2)
+    for backend in ("torch", "torch-opt"):
+        gpu = run(setup, tmp_path / backend, workers=2, device="cuda", backend=backend)
+        assert gpu["engine"] == f"{backend} fp32 on cuda"
+        same_results((cpu, lines(tmp_path / "cpu" / "predictions.jsonl")),
+                     (gpu, lines(tmp_path / backend / "predictions.jsonl")))
+
+
 def evaluate_cli(setup, out, *extra):
     _, weights, data = setup
     return [sys.executable, "-m", "x3dnet", "evaluate", "--data", data.slowfast, "--classes", data.classes,
