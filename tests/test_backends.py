@@ -78,6 +78,19 @@ def test_cuda_engines_match_the_original(tiny_a, backend, precision, crop):
         assert probs.argmax(1).tolist() == expected.argmax(1).tolist()
 
 
+@pytest.mark.parametrize("backend", INSTALLED)
+def test_engines_take_any_batch_size(tiny_a, backend):
+    # OpenVINO compiles one static shape per batch size; every engine must agree at each of them.
+    x = reference_io("tiny_a")["x_train"].float()
+    clips = torch.cat([x, x.flip(0), x])  # more clips than the parity check's two
+    engine = create_engine(tiny_a, backend=backend, input_shape=tuple(x.shape[2:]))
+    with torch.inference_mode():
+        expected = tiny_a(clips).softmax(1)
+    for batch in (1, 3, len(clips), 1):
+        got = torch.cat([engine(clips[i:i + batch]) for i in range(0, len(clips), batch)]).softmax(1)
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+
+
 def test_folding_batchnorm_is_exact(tiny_a):
     x = reference_io("tiny_a")["x_test"].float()
     folded = fold_batchnorm(tiny_a)

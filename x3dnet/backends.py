@@ -162,10 +162,13 @@ class OnnxRuntimeEngine(Engine):
 
 
 class OpenVinoEngine(Engine):
-    """The exported ONNX graph compiled by OpenVINO for the CPU, with an inference precision hint."""
+    """The exported ONNX graph compiled by OpenVINO for the CPU, with an inference precision hint, once per
+    batch size: compiled for a static shape it ran X3D-M 8-11% faster than with the dynamic batch (and
+    compiling takes a fifth of a second)."""
 
     backend = "openvino"
     _HINTS = {"fp32": "f32", "bf16": "bf16", "fp16": "f16"}
+    _SHAPES = 4  # batch sizes kept compiled
 
     def __init__(self, model: X3D, *, path: Path | None = None, **kw: object):
         super().__init__(model, **kw)
@@ -173,24 +176,35 @@ class OpenVinoEngine(Engine):
 
         if self.device != "cpu":
             raise BackendError("openvino: x3dnet runs OpenVINO on the CPU only")
-        core = ov.Core()
+        self.core = ov.Core()
         with tempfile.TemporaryDirectory() as tmp:
             path = path or export_onnx(model, Path(tmp) / "x3d.onnx", input_shape=self.input_shape)
-            graph = core.read_model(str(path))
-        hint = self._HINTS[self.precision]
-        config = {"INFERENCE_PRECISION_HINT": hint, "PERFORMANCE_HINT": "LATENCY"}
+            self.graph = self.core.read_model(str(path))
+        self.hint = self._HINTS[self.precision]
+        self.ov_config = {"INFERENCE_PRECISION_HINT": self.hint, "PERFORMANCE_HINT": "LATENCY"}
         if self.threads:
-            config["INFERENCE_NUM_THREADS"] = self.threads
-        self.compiled = core.compile_model(graph, "CPU", config)
-        runs_in = self.compiled.get_property("INFERENCE_PRECISION_HINT")
-        runs_in = runs_in.get_type_name() if hasattr(runs_in, "get_type_name") else str(runs_in)
-        if runs_in != hint:
-            raise BackendError(f"openvino: this CPU cannot run {self.precision} (it would run {runs_in})")
-        self.request = self.compiled.create_infer_request()
+            self.ov_config["INFERENCE_NUM_THREADS"] = self.threads
+        self.requests: dict[int, object] = {}
+        self._request(1)
+
+    def _request(self, batch: int):
+        if batch not in self.requests:
+            if len(self.requests) >= self._SHAPES:
+                del self.requests[next(iter(self.requests))]
+            graph = self.graph.clone()
+            graph.reshape([batch, 3, *self.input_shape])
+            compiled = self.core.compile_model(graph, "CPU", self.ov_config)
+            runs_in = compiled.get_property("INFERENCE_PRECISION_HINT")
+            runs_in = runs_in.get_type_name() if hasattr(runs_in, "get_type_name") else str(runs_in)
+            if runs_in != self.hint:
+                raise BackendError(f"openvino: this CPU cannot run {self.precision} (it would run {runs_in})")
+            self.requests[batch] = compiled.create_infer_request()
+        return self.requests[batch]
 
     def __call__(self, clips: Tensor) -> Tensor:
-        self.request.infer({0: clips.float().cpu().numpy()})
-        return torch.from_numpy(self.request.get_output_tensor(0).data.copy())
+        request = self._request(clips.shape[0])
+        request.infer({0: clips.float().cpu().numpy()})
+        return torch.from_numpy(request.get_output_tensor(0).data.copy())
 
 
 _ENGINES: dict[str, type[Engine]] = {
