@@ -7,11 +7,13 @@ logits in train; ours always returns scores whose softmax is the original's outp
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Literal
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -290,6 +292,27 @@ class X3D(nn.Module):
                 f"(feed at least {t} frames at about {s}x{s}, or use head_pooling='global')"
             )
         return F.avg_pool3d(x, window, stride=1)
+
+
+def fold_batchnorm(model: X3D) -> X3D:
+    """A copy of ``model`` in eval mode with every BN folded into the conv before it (exact up to
+    rounding): w' = w * g / sqrt(v + eps), b' = (b - m) * g / sqrt(v + eps) + beta."""
+    model = copy.deepcopy(model).eval()
+    pairs = [(model.stem, "conv_temporal", "bn"), (model, "conv5", "conv5_bn")]
+    for block in model.modules():
+        if isinstance(block, Block):
+            pairs += [(block, f"conv_{k}", f"bn_{k}") for k in "abc"]
+            if block.shortcut is not None:
+                pairs.append((block, "shortcut", "shortcut_bn"))
+    with torch.no_grad():
+        for owner, conv_name, bn_name in pairs:
+            conv, bn = getattr(owner, conv_name), getattr(owner, bn_name)
+            scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+            bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
+            conv.weight.mul_(scale.reshape(-1, 1, 1, 1, 1))
+            conv.bias = nn.Parameter((bias - bn.running_mean) * scale + bn.bias)
+            setattr(owner, bn_name, nn.Identity())
+    return model
 
 
 def _init_weights(module: nn.Module) -> None:
