@@ -137,11 +137,12 @@ def test_auto_and_unsupported_combinations(tiny_a):
             create_engine(tiny_a, backend="torch-opt", device="cuda")
 
 
-@pytest.mark.parametrize("fmt", ["onnx", "openvino"])
+@pytest.mark.parametrize("fmt", ["onnx", "openvino", "openvino --banded"])
 def test_export_writes_a_checked_graph_with_a_dynamic_batch(tiny, tmp_path, fmt):  # noqa: F811
     model, weights = tiny
+    fmt, *flags = fmt.split()
     out = tmp_path / ("x3d.onnx" if fmt == "onnx" else "x3d.xml")
-    result = x3dnet("export", "--weights", weights, "--format", fmt, "--out", out, "--crop", 80)
+    result = x3dnet("export", "--weights", weights, "--format", fmt, "--out", out, "--crop", 80, *flags)
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith(f"wrote {out}: tiny_a") and "input (batch, 3, 4, 80, 80)" in result.stdout
     x = reference_io("tiny_a")["x_test"].float().repeat(2, 1, 1, 1, 1)[:3]  # a batch of 3, unseen at export

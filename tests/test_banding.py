@@ -7,7 +7,7 @@ import torch
 from conftest import checkpoint_path, reference_io, tiny_config
 
 from x3dnet import X3D, banding, create_model, load_weights
-from x3dnet.backends import create_engine, installed
+from x3dnet.backends import create_engine, export_model, installed
 from x3dnet.banding import BandedBlock, BandedX3D
 
 
@@ -88,3 +88,25 @@ def test_openvino_runs_the_banded_graph_like_the_original(tiny_a, small_bands):
     engine = create_engine(tiny_a, backend="openvino", input_shape=tuple(x.shape[2:]))
     torch.testing.assert_close(engine(x).softmax(1), expected, atol=1e-5, rtol=0)
     assert engine(x[:0]).shape == (0, tiny_a.config.num_classes)
+
+
+@pytest.mark.skipif(not installed("onnxruntime"), reason="needs onnxruntime")
+def test_banded_export_has_the_bands_and_a_dynamic_batch(tiny_a, small_bands, tmp_path):
+    import onnx
+    import onnxruntime as ort
+
+    io = reference_io("tiny_a")
+    x, expected = io["x_test"].float(), io["probs_test"]
+    shape = tuple(x.shape[2:])
+    plain, diff_plain = export_model(tiny_a, tmp_path / "plain.onnx", format="onnx", input_shape=shape)
+    banded, diff = export_model(tiny_a, tmp_path / "banded.onnx", format="onnx", input_shape=shape, banded=True)
+    assert diff <= 1e-5 and diff_plain <= 1e-5
+
+    def convs(path):
+        return sum(node.op_type == "Conv" for node in onnx.load(str(path)).graph.node)
+
+    assert convs(banded) > 2 * convs(plain)  # every band has its own convs
+    clips = torch.cat([x, x[:1]])  # 3 clips: a batch size the export never saw
+    scores = ort.InferenceSession(str(banded)).run(None, {"clips": clips.numpy()})[0]
+    torch.testing.assert_close(torch.from_numpy(scores).softmax(1), torch.cat([expected, expected[:1]]),
+                               atol=1e-5, rtol=0)

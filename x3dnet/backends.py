@@ -165,9 +165,9 @@ class OnnxRuntimeEngine(Engine):
 
 class OpenVinoEngine(Engine):
     """The model compiled by OpenVINO for the CPU, with an inference precision hint: exported to ONNX in its
-    banded form (``x3dnet.banding``; X3D-M fp32 ran 11% faster than the plain graph on 2 cores), compiled
-    for one clip, and a batch is run clip by clip: a batch of 4 compiled as one ran X3D-M 20% slower per
-    clip in fp32 and 6% in bf16 (its tensors leave the caches). ``path``: run that ONNX or IR file instead."""
+    banded form (``x3dnet.banding``; X3D-M fp32 ran 10-16% faster than the plain graph on 2 cores), compiled
+    for one clip, and a batch is run clip by clip: a batch of 4 compiled as one ran X3D-M 19% slower per
+    clip in fp32 and 5% in bf16 (its tensors leave the caches). ``path``: run that ONNX or IR file instead."""
 
     backend = "openvino"
     _HINTS = {"fp32": "f32", "bf16": "bf16", "fp16": "f16"}
@@ -322,22 +322,25 @@ def export_onnx(model: X3D, path: str | os.PathLike[str], *, input_shape: tuple[
 
 
 def export_openvino(
-    model: X3D, path: str | os.PathLike[str], *, input_shape: tuple[int, int, int] | None = None
+    model: X3D, path: str | os.PathLike[str], *, input_shape: tuple[int, int, int] | None = None,
+    banded: bool = False,
 ) -> Path:
     """Write ``model`` as OpenVINO IR (``.xml`` + ``.bin``), converted from its ONNX export."""
     import openvino as ov
 
     path = Path(path).with_suffix(".xml")
     with tempfile.TemporaryDirectory() as tmp:
-        graph = ov.Core().read_model(str(export_onnx(model, Path(tmp) / "x3d.onnx", input_shape=input_shape)))
+        onnx = export_onnx(model, Path(tmp) / "x3d.onnx", input_shape=input_shape, banded=banded)
+        graph = ov.Core().read_model(str(onnx))
         ov.save_model(graph, str(path), compress_to_fp16=False)  # the default halves the weights
     return path
 
 
 def export_model(model: X3D, path: str | os.PathLike[str], *, format: str,
-                 input_shape: tuple[int, int, int] | None = None) -> tuple[Path, float]:
-    """Write ``model`` as ``onnx`` or ``openvino`` IR, then run the written file (ONNX Runtime, else
-    OpenVINO) against eager PyTorch: returns the path and the max |dp|; raises if they disagree."""
+                 input_shape: tuple[int, int, int] | None = None, banded: bool = False) -> tuple[Path, float]:
+    """Write ``model`` as ``onnx`` or ``openvino`` IR (``banded``: in the form x3dnet's OpenVINO engine runs,
+    see ``export_onnx``), then run the written file (ONNX Runtime, else OpenVINO) against eager PyTorch:
+    returns the path and the max |dp|; raises if they disagree."""
     c = model.config
     shape = input_shape or (c.frames, c.train_crop, c.train_crop)
     runner = "openvino" if format == "openvino" or not installed("onnxruntime") else "onnxruntime"
@@ -345,7 +348,8 @@ def export_model(model: X3D, path: str | os.PathLike[str], *, format: str,
         raise BackendError(f"{format} export is checked with {runner}, which is not installed "
                            "(pip install 'x3dnet[fast]')")
     try:
-        written = (export_openvino if format == "openvino" else export_onnx)(model, path, input_shape=shape)
+        writer = export_openvino if format == "openvino" else export_onnx
+        written = writer(model, path, input_shape=shape, banded=banded)
     except OSError as e:
         raise BackendError(f"{path}: cannot write ({e.strerror or e})") from None
     engine = _ENGINES[runner](model, path=written, device="cpu", precision="fp32", input_shape=shape)

@@ -3,9 +3,10 @@ early tensors in cache. The OpenVINO engine compiles this form.
 
 Block 0 of each stage widens its input (X3D-M's res2.0: 24 to 54 channels at 112 x 112, 43 MB per
 16-frame clip in fp32) and its depthwise conv reads that back at stride 2; res2's other blocks move
-11 MB tensors through four layers. Layer by layer, those tensors stream through main memory, and on
-a 2-core machine these layers ran at a fifth to a half of the speed of the later ones. Computed in bands of
-rows, one band through conv_a, the depthwise conv and conv_c before the next, they stay in cache.
+11 MB tensors through four layers. Layer by layer, those tensors stream through main memory: on a
+2-core machine these layers ran at a fifth to a half of the speed (multiply-adds per second) of the
+later ones. Computed in bands of rows, one band through conv_a, the depthwise conv and conv_c before
+the next, they stay in cache.
 
 Rows at band edges: a 3x3x3 depthwise conv needs one neighbouring row on each side (two input rows at
 stride 2, and the stem's stride-2 conv doubles that again), so each band recomputes those few rows of
@@ -29,9 +30,11 @@ from torch import Tensor, nn
 
 from .model import X3D, Block, Stem, fold_batchnorm
 
-# Per-clip fp32 size of a block's widened tensor (conv_a's output) above which the block is banded, and
-# the size of one band: measured on X3D-M at 16 x 224 x 224 with OpenVINO on 2 cores (benchmarks/
-# bench_backends.py prints both graphs). A stride-2 band is measured on its input, twice its output rows.
+# Sizes in bytes of a block's widened tensor (conv_a's output, per clip, in fp32): a block whose widened
+# tensor is larger than BAND_BYTES[2] is computed in bands of about BAND_BYTES[its stride] each. Chosen on
+# X3D-M at 16 x 224 x 224 with OpenVINO on 2 cores: plans with 0.7 to 1.5 times as many bands ran alike
+# within this machine's noise (fp32 1.13 to 1.19 times the plain graph); banding nearly every block, in
+# bands of a sixth to a third of these sizes, ran bf16 5 to 20% slower than the plain graph.
 BAND_BYTES = {2: 6 * 2**20, 1: 3 * 2**20}
 MIN_ROWS = 2  # rows per band at the least
 

@@ -170,7 +170,7 @@ def export_model(args: argparse.Namespace) -> None:
     model = load_model(args.model, weights=args.weights)[0] if args.weights else create_model(args.model).eval()
     c = model.config
     shape = (c.frames, args.crop or c.train_crop, args.crop or c.train_crop)
-    path, diff = export(model, args.out, format=args.format, input_shape=shape)
+    path, diff = export(model, args.out, format=args.format, input_shape=shape, banded=args.banded)
     source = args.weights or "random weights"
     print(f"wrote {path}: {c.name} ({source}), input (batch, 3, {', '.join(map(str, shape))}), "
           f"max |dp| vs PyTorch {diff:.1e}")
@@ -301,6 +301,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=("onnx", "openvino"), required=True)
     p.add_argument("--out", required=True, help="output path (.onnx, or .xml with its .bin beside it)")
     p.add_argument("--crop", type=_positive, help="clip size the graph is traced at (default: the training crop)")
+    p.add_argument("--banded", action="store_true",
+                   help="BN folded and the wide blocks computed in bands of rows, as x3dnet runs OpenVINO "
+                        "(X3D-M fp32 10-16%% faster on a 2-core CPU)")
     p.set_defaults(run=export_model)
     return parser
 
