@@ -166,6 +166,8 @@ def test_export_errors(tiny, tmp_path):  # noqa: F811
     result = x3dnet("export", "--weights", weights, "--format", "onnx", "--out", tmp_path / "no" / "dir" / "x.onnx")
     assert_one_line_error(result, "cannot write")
     assert_one_line_error(x3dnet("export", "--format", "onnx", "--out", tmp_path / "x.onnx"), "needs --model")
+    result = x3dnet("export", "--weights", weights, "--format", "onnx", "--out", tmp_path / "x.onnx", "--crop", 32)
+    assert_one_line_error(result, "input too small for tiny_a's head window: the conv5 map is 4x1x1")
 
 
 def test_predict_with_a_fast_backend_gives_the_same_scores(tiny, clip_video):  # noqa: F811

@@ -286,9 +286,9 @@ class X3D(nn.Module):
         window = self.config.head_window
         if any(size < w for size, w in zip(x.shape[-3:], window, strict=True)):
             t, s = self.config.frames, self.config.train_crop
-            raise ValueError(
+            raise ConfigError(  # a ValueError; one line from the CLI (an export at too small a --crop)
                 f"input too small for {self.config.name}'s head window: the conv5 map is "
-                f"{'x'.join(map(str, x.shape[-3:]))}, the window {'x'.join(map(str, window))} "
+                f"{'x'.join(str(int(n)) for n in x.shape[-3:])}, the window {'x'.join(map(str, window))} "
                 f"(feed at least {t} frames at about {s}x{s}, or use head_pooling='global')"
             )
         return F.avg_pool3d(x, window, stride=1)
