@@ -24,8 +24,8 @@ import openvino as ov
 import torch
 
 from x3dnet import create_model
-from x3dnet.backends import create_engine, export_onnx, pick_backend
-from x3dnet.profile import count_macs
+from x3dnet.backends import cpu_units, create_engine, export_onnx, pick_backend, supported
+from x3dnet.profile import count_macs, cpu_name
 
 
 def matmul_peak(seconds: float = 2.0, n: int = 2048) -> float:
@@ -47,6 +47,7 @@ def main() -> None:
     peak = matmul_peak()
     print(f"torch {torch.__version__}, OpenVINO {ov.__version__}, {torch.get_num_threads()} threads; "
           f"fp32 matmul peak {peak:.0f} GFLOP/s; default CPU backend: {pick_backend('cpu', 'fp32')}")
+    print(f"CPU: {cpu_name()}; OpenVINO's units: {', '.join(sorted(cpu_units()))}")
     for name in args.models:
         torch.manual_seed(0)
         model = create_model(name).eval()
@@ -57,6 +58,9 @@ def main() -> None:
         for label, backend, precision in [("eager torch", "torch", "fp32"), ("torch-opt", "torch-opt", "fp32"),
                                           ("onnxruntime", "onnxruntime", "fp32"), ("openvino fp32", "openvino", "fp32"),
                                           ("openvino bf16", "openvino", "bf16"), ("auto fp32", "auto", "fp32")]:
+            if backend != "auto" and (reason := supported(backend, "cpu", precision)):
+                print(f"skipping {label}: {reason}")  # what this CPU cannot run is left out, not an error
+                continue
             engine = create_engine(model, backend=backend, precision=precision)
             runners[label] = lambda e=engine, x=clip: e(x)
         with tempfile.TemporaryDirectory() as tmp:
@@ -65,7 +69,7 @@ def main() -> None:
             for form, banded in (("", True), (" plain", False)):
                 graph = core.read_model(str(export_onnx(model, Path(tmp) / "m.onnx", banded=banded)))
                 graph.reshape([1, 3, *clip.shape[2:]])  # one clip, static, as x3dnet compiles it
-                for precision in ("f32", "bf16"):
+                for precision in ("f32", "bf16") if "BF16" in cpu_units() else ("f32",):
                     compiled = core.compile_model(graph, "CPU", {"INFERENCE_PRECISION_HINT": precision,
                                                                  "PERFORMANCE_HINT": "LATENCY"})
                     request, data = compiled.create_infer_request(), clip.numpy()
@@ -96,6 +100,8 @@ def main() -> None:
         def ratio(a: str, b: str, times: dict[str, list[float]] = times, cps: dict[str, float] = cps) -> str:
             """a's speed over b's: best over best, and the median over rounds of the ratio within a round
             (both timed within a second of each other, so a slow spell of the machine slows both)."""
+            if a not in times or b not in times:
+                return "   n/a (not run on this CPU)"
             rounds = statistics.median(tb / ta for ta, tb in zip(times[a], times[b], strict=True))
             return f"{cps[a] / cps[b]:6.3f} {rounds:8.3f}"
 

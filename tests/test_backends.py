@@ -16,20 +16,33 @@ from test_predict import (  # noqa: F401
 )
 
 from x3dnet import X3D, load_weights
+from x3dnet.cli import main
 from x3dnet.backends import (
     BACKENDS,
     TorchEngine,
-    _cpu_units,
     check_engine,
     create_engine,
+    cpu_units,
     fold_batchnorm,
     installed,
     pick_backend,
+    supported,
 )
 from x3dnet.errors import BackendError
 
 INSTALLED = [b for b in BACKENDS if installed(b)]
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+HAS_BF16 = installed("openvino") and "BF16" in cpu_units()  # this machine's CPU, as the product probes it
+# What the probe says on the CPUs these tests run on: an AMD Zen 3 (no bf16), a Xeon with AVX-512 BF16/AMX.
+CPUS = {"no bf16": frozenset({"FP32", "INT8"}), "bf16": frozenset({"FP32", "BF16", "INT8"}),
+        "bf16 and fp16": frozenset({"FP32", "BF16", "FP16", "INT8"})}
+
+
+@pytest.fixture(params=list(CPUS))
+def fake_cpu(request, monkeypatch) -> frozenset[str]:
+    """The capability probe answering as another CPU would."""
+    monkeypatch.setattr("x3dnet.backends.cpu_units", lambda: CPUS[request.param])
+    return CPUS[request.param]
 
 
 @pytest.fixture(scope="module")
@@ -58,6 +71,11 @@ def test_fp32_engines_match_the_original(tiny_a, backend, crop):
 def test_bf16_engines_pick_the_original_top1(tiny_a, backend):
     io = reference_io("tiny_a")
     x = io["x_train"].float()
+    if backend == "openvino" and not HAS_BF16:
+        # This CPU has no bf16 units: OpenVINO would run f32 while claiming bf16, so x3dnet refuses it.
+        with pytest.raises(BackendError, match="this CPU has no bf16 units"):
+            create_engine(tiny_a, backend=backend, precision="bf16", input_shape=tuple(x.shape[2:]))
+        return
     engine = create_engine(tiny_a, backend=backend, precision="bf16", input_shape=tuple(x.shape[2:]))
     assert engine(x).argmax(1).tolist() == io["probs_train"].argmax(1).tolist()
 
@@ -118,16 +136,24 @@ def test_an_engine_that_disagrees_refuses_to_run(tiny_a):
         check_engine(engine, tiny_a)
 
 
-def test_auto_and_unsupported_combinations(tiny_a):
+def test_auto_and_unsupported_combinations(tiny_a, fake_cpu):
     assert pick_backend("cpu", "fp32") == "openvino"
-    assert pick_backend("cpu", "bf16") == "openvino"
+    # Without bf16 units OpenVINO cannot run bf16; torch-opt's autocast can, on any CPU.
+    assert pick_backend("cpu", "bf16") == ("openvino" if "BF16" in fake_cpu else "torch-opt")
+    assert pick_backend("cpu", "fp16") == ("openvino" if "FP16" in fake_cpu else "torch")
+    for precision in ("bf16", "fp16"):
+        reason = supported("openvino", "cpu", precision)
+        assert reason == (None if precision.upper() in fake_cpu else f"openvino: this CPU has no {precision} units")
+    if "BF16" not in fake_cpu:
+        with pytest.raises(BackendError, match="this CPU has no bf16 units"):
+            create_engine(tiny_a, backend="openvino", precision="bf16")
     if torch.cuda.is_available():
         assert pick_backend("cuda", "fp32") == "torch-opt"
     with pytest.raises(BackendError, match="onnxruntime runs fp32 only"):
         create_engine(tiny_a, backend="onnxruntime", precision="bf16")
     with pytest.raises(BackendError, match="runs fp16 on CUDA only"):
         create_engine(tiny_a, backend="torch", precision="fp16")
-    if "FP16" not in _cpu_units():  # this machine's CPU: bf16 units, no fp16 ones
+    if "FP16" not in fake_cpu:
         with pytest.raises(BackendError, match="this CPU has no fp16 units"):
             create_engine(tiny_a, backend="openvino", precision="fp16")
     with pytest.raises(BackendError, match="backend must be"):
@@ -181,14 +207,20 @@ def test_predict_with_a_fast_backend_gives_the_same_scores(tiny, clip_video):  #
         assert abs(p["score"] - q["score"]) <= 1e-5
 
 
-def test_profile_rows(tmp_path):
+@pytest.mark.parametrize("cpu", ["this CPU", "no bf16"])
+def test_profile_rows(tmp_path, monkeypatch, capsys, cpu):
+    # Run in this process, so that the capability probe can answer as a CPU without bf16 units would.
+    if cpu != "this CPU":
+        monkeypatch.setattr("x3dnet.backends.cpu_units", lambda: CPUS[cpu])
+    bf16 = HAS_BF16 and cpu == "this CPU"
     plot = tmp_path / "profile.png"
-    result = x3dnet("profile", "--model", "x3d_xs", "--backend", "torch", "auto", "--precision", "fp32", "bf16",
-                    "--runs", 2, "--warmup", 1, "--json", "--plot", plot)
-    assert result.returncode == 0, result.stderr
-    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    status = main(["profile", "--model", "x3d_xs", "--backend", "torch", "auto", "--precision", "fp32", "bf16",
+                   "--runs", "2", "--warmup", "1", "--json", "--plot", str(plot)])
+    out, err = capsys.readouterr()
+    assert status == 0, err
+    rows = [json.loads(line) for line in out.splitlines()]
     assert [(r["backend"], r["precision"]) for r in rows] == [
-        ("torch", "fp32"), ("torch", "bf16"), ("openvino", "fp32"), ("openvino", "bf16")]
+        ("torch", "fp32"), ("torch", "bf16"), ("openvino", "fp32"), ("openvino" if bf16 else "torch-opt", "bf16")]
     for r in rows:
         assert (r["model"], r["input"], r["batch_size"], r["gmacs"], r["params_m"]) == (
             "x3d_xs", "4x160x160", 1, 0.6053, 3.794)

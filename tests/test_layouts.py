@@ -1,10 +1,13 @@
 """The converters against the reference's own files: the same weights in three published layouts."""
 
 import pytest
+import safetensors
+import safetensors.torch
 import torch
-from conftest import checkpoint_path
+from conftest import checkpoint_path, tiny_config
 
-from x3dnet import CheckpointError
+from x3dnet import X3D, CheckpointError, load_weights, save_checkpoint
+from x3dnet.checkpoint import write_checkpoint
 from x3dnet.layouts import BN_EPS, detect_layout, foreign_name, from_native, to_native
 
 NAMES = ["tiny_a", "tiny_b", "x3d_xs"]
@@ -55,12 +58,34 @@ def test_layouts_are_told_from_keys_with_any_wrapper_prefix():
     assert detect_layout({"conv1.weight": torch.zeros(1), "fc.weight": torch.zeros(1)}) is None
 
 
-def test_unknown_keys_are_named():
-    slowfast = state("tiny_a", "slowfast")
-    slowfast["s3.pathway0_res0.branch2.a.weights"] = slowfast.pop("s3.pathway0_res0.branch2.a.weight")
-    message = r"keys not in the slowfast layout of X3D: s3\.pathway0_res0\.branch2\.a\.weights$"
-    with pytest.raises(CheckpointError, match=message):
-        to_native(slowfast, "slowfast")
+@pytest.mark.parametrize("layout", ["slowfast", "pytorchvideo", "mmaction2", "native"])
+def test_a_renamed_key_is_named_not_the_whole_file_refused(layout, tmp_path):
+    # Renaming the key each layout was once recognised by must not turn the file into "not an X3D":
+    # the layout is the one that names most keys, and the renamed key is reported in the file's names.
+    model = X3D(tiny_config("tiny_a"))
+    load_weights(model, checkpoint_path("tiny_a", "slowfast"))
+    stem = foreign_name("stem.conv_spatial.weight", layout)
+    inner = foreign_name("res3.0.conv_a.weight", layout)
+    path = write_checkpoint(model.state_dict(), tmp_path / "a.pth", layout=layout, config=model.config)
+    if layout == "native":
+        path = save_checkpoint(model, tmp_path / "a.safetensors")
+        tensors = safetensors.torch.load_file(path)
+        metadata = safetensors.safe_open(str(path), "pt").metadata()
+    else:
+        obj = torch.load(path, weights_only=True)
+        tensors = obj["model_state" if layout != "mmaction2" else "state_dict"]
+    for key in (stem, inner):
+        tensors[key + "_x"] = tensors.pop(key)
+    if layout == "native":
+        safetensors.torch.save_file(tensors, path, metadata=metadata)
+    else:
+        torch.save(obj, path)
+    assert detect_layout(tensors) == (layout, "")
+    with pytest.raises(CheckpointError) as caught:
+        load_weights(X3D(tiny_config("tiny_a")), path)
+    message = str(caught.value)
+    assert f"2 missing: {stem}, {inner}" in message or f"2 missing: {inner}, {stem}" in message
+    assert f"{stem}_x" in message and f"{inner}_x" in message and "2 unexpected" in message
 
 
 def test_foreign_names_for_messages():

@@ -228,16 +228,35 @@ def supported(backend: str, device: str, precision: str) -> str | None:
         return "onnxruntime runs fp32 only here"
     if precision == "fp16" and not cuda and backend != "openvino":
         return f"{backend} runs fp16 on CUDA only"
-    if backend == "openvino" and precision != "fp32" and precision.upper() not in _cpu_units():
+    if backend == "openvino" and precision != "fp32" and precision.upper() not in cpu_units():
         return f"openvino: this CPU has no {precision} units"
     return None
 
 
 @functools.cache
-def _cpu_units() -> tuple[str, ...]:
+def cpu_units() -> frozenset[str]:
+    """The precisions this CPU computes natively, as OpenVINO reports them (FP32, BF16, FP16, INT8, ...).
+
+    CPUs differ: an AMD Zen 3 has no BF16, a Xeon with AVX-512 BF16 or AMX has it. This is the one probe
+    that decides what ``auto`` picks and what OpenVINO is allowed to run; the tests fake it to cover both."""
     import openvino as ov
 
-    return tuple(ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"))  # e.g. FP32, BF16, FP16, INT8
+    return frozenset(ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
+
+
+def check_device(device: str) -> None:
+    """Refuse, in one line, a device x3dnet cannot run on: only ``cpu`` and a ``cuda[:N]`` present here."""
+    try:
+        kind = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise BackendError(f"device {device!r}: not a device; x3dnet runs on cpu or cuda[:N]") from None
+    if kind.type not in ("cpu", "cuda"):
+        raise BackendError(f"device {device}: x3dnet runs on cpu or cuda[:N], not {kind.type}")
+    if kind.type == "cuda":
+        if not torch.cuda.is_available():
+            raise BackendError(f"device {device}: CUDA is not available here")
+        if kind.index is not None and kind.index >= torch.cuda.device_count():
+            raise BackendError(f"device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
 
 
 def pick_backend(device: str = "cpu", precision: str = "fp32") -> str:
@@ -262,6 +281,7 @@ def create_engine(
     """
     if precision not in PRECISIONS:
         raise BackendError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
+    check_device(device)  # before auto picks an engine: a bad device is the device's fault, not an engine's
     backend = pick_backend(device, precision) if backend == "auto" else backend
     if backend not in _ENGINES:
         raise BackendError(f"backend must be auto or one of {', '.join(BACKENDS)}, not {backend!r}")

@@ -24,13 +24,18 @@ import yaml
 from torch import Tensor
 
 from . import layouts
-from .errors import CheckpointError
+from .errors import CheckpointError, ConfigError, FieldError, require_int
 from .layouts import NATIVE, foreign_name, name_list
 from .model import VARIANTS, X3D, X3DConfig, get_config
-from .recipe import RECIPES, Recipe
+from .recipe import MAX_FRAMES, MAX_SIZE, RECIPES, Recipe
 
 _META_FORMAT, _META_CONFIG, _META_RECIPE = "x3dnet.format", "x3dnet.config", "x3dnet.recipe"
 _STATE_KEYS = ("model_state", "state_dict", "model")  # SlowFast and pytorchvideo, mmaction2, others
+_MAX_CFG = 1_000_000  # characters: SlowFast writes about 10 kB of YAML
+# Recipe fields and the SlowFast cfg keys they are read from, to name a bad one as the file names it.
+_CFG_NAMES = {"frames": "DATA.NUM_FRAMES", "train_crop": "DATA.TRAIN_CROP_SIZE", "stride": "DATA.SAMPLING_RATE",
+              "test_short_side": "DATA.TRAIN_JITTER_SCALES[0]", "test_crop": "DATA.TEST_CROP_SIZE",
+              "target_fps": "DATA.TARGET_FPS", "mean": "DATA.MEAN", "std": "DATA.STD"}
 
 
 @dataclass(frozen=True)
@@ -62,7 +67,8 @@ class Checkpoint:
         if self.variants:
             return " or ".join(self.variants)
         if self.architecture is None:
-            return "an incomplete X3D"
+            missing = [foreign_name(k, self.layout) for k in _ARCHITECTURE_KEYS if k not in self.state_dict]
+            return f"an incomplete X3D (without {name_list(missing, 3)})" if missing else "an incomplete X3D"
         a = self.architecture
         return f"an X3D of no published size (blocks {_csv(a['depths'])}, widths {_csv(a['widths'])})"
 
@@ -75,19 +81,31 @@ def load_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
     found = layouts.detect_layout(state_dict)
     if found is None:
         raise CheckpointError(
-            f"{path}: not an X3D checkpoint: its keys match none of the layouts "
-            f"{', '.join(layouts.LAYOUTS)} (first keys: {name_list(state_dict, 4)})"
+            f"{path}: not an X3D checkpoint: few of its keys are X3D keys in any layout "
+            f"({', '.join(layouts.LAYOUTS)}; first keys: {name_list(state_dict, 4)})"
         )
     layout, prefix = found
-    state_dict = {k[len(prefix) :]: v for k, v in state_dict.items()}
-    try:
-        state_dict = layouts.to_native(state_dict, layout)
-    except CheckpointError as e:
-        raise CheckpointError(f"{path}: {e}") from None
+    state_dict = layouts.to_native({k[len(prefix) :]: v for k, v in state_dict.items()}, layout)
+    broken = [foreign_name(k, layout) for k, v in state_dict.items() if v.is_floating_point() and not v.isfinite().all()]
+    if broken:
+        raise CheckpointError(f"{path}: the weights are not finite: {len(broken)} tensor{'s' * (len(broken) > 1)} "
+                              f"hold NaN or Inf ({name_list(broken, 4)})")
     architecture = _architecture(state_dict)
     recorded, recipe = _recorded_clip(metadata, extra, path)
+    if isinstance(recorded, X3DConfig):
+        _agrees(recorded, architecture, state_dict, path)
     config = _config(architecture, recorded, state_dict)
     return Checkpoint(path, layout, state_dict, config, recipe, architecture)
+
+
+def _agrees(config: X3DConfig, architecture: dict | None, sd: Mapping[str, Tensor], path: Path) -> None:
+    """A recorded config must describe the file's own tensors (what it says of the rest is validated)."""
+    said = {**config.architecture(), "num_classes": config.num_classes}
+    found = {**(architecture or {}), "num_classes": sd["fc2.weight"].shape[0] if "fc2.weight" in sd else None}
+    for field, value in said.items():
+        if found.get(field) is not None and found[field] != value:
+            raise CheckpointError(f"{path}: its metadata says {field}={_csv(value) if isinstance(value, tuple) else value}"
+                                  f", but its tensors have {_csv(found[field]) if isinstance(value, tuple) else found[field]}")
 
 
 def load_weights(model: X3D, checkpoint: Checkpoint | str | os.PathLike[str], *, classifier: bool = True,
@@ -290,6 +308,11 @@ def _is_state_dict(obj: object) -> bool:
             and all(isinstance(k, str) and isinstance(v, Tensor) for k, v in obj.items()))
 
 
+# The tensors whose shapes say which X3D a file holds.
+_ARCHITECTURE_KEYS = ("stem.conv_spatial.weight", *(f"res{k}.0.{p}.weight" for k in range(2, 6)
+                                                    for p in ("conv_a", "conv_c", "se.fc1")), "fc1.weight")
+
+
 def _architecture(sd: Mapping[str, Tensor]) -> dict[str, object] | None:
     try:
         depths = []
@@ -313,42 +336,66 @@ def _recorded_clip(
     metadata: dict[str, str], extra: dict, path: Path
 ) -> tuple[X3DConfig | tuple | None, Recipe | None]:
     """What the file says of how it was trained: the whole config (x3dnet metadata), or the training
-    clip (frames, crop) and the recipe from a SlowFast YAML cfg; None where it says nothing."""
+    clip (frames, crop) and the recipe from a SlowFast YAML cfg; None where it says nothing. Every field
+    is validated (types, ranges) before it can size anything; a bad one is an error that names it."""
     if _META_CONFIG in metadata:
-        try:
-            fields = json.loads(metadata[_META_CONFIG])
-            config = X3DConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
-            recipe = json.loads(metadata[_META_RECIPE]) if _META_RECIPE in metadata else None
-            return config, Recipe.from_dict(recipe) if recipe else None
-        except (ValueError, TypeError) as e:
-            raise CheckpointError(f"{path}: damaged x3dnet metadata ({_first_line(e)})") from None
+        config = _metadata_field(metadata, _META_CONFIG, lambda fields: X3DConfig(**fields), path)
+        recipe = _metadata_field(metadata, _META_RECIPE, Recipe.from_dict, path) if _META_RECIPE in metadata else None
+        return config, recipe
     cfg = extra.get("cfg")
     if not isinstance(cfg, str):
         return None, None
+    if len(cfg) > _MAX_CFG:
+        raise CheckpointError(f"{path}: cfg: {len(cfg)} characters, far more than a SlowFast config (at most {_MAX_CFG})")
     try:
-        data = (yaml.safe_load(cfg) or {}).get("DATA", {})
-        clip = (int(data["NUM_FRAMES"]), int(data["TRAIN_CROP_SIZE"]))
-    except (yaml.YAMLError, AttributeError, KeyError, TypeError, ValueError):
-        return None, None  # a cfg we cannot read says nothing; the shapes still do
+        parsed = yaml.safe_load(cfg)
+    except yaml.YAMLError as e:
+        raise CheckpointError(f"{path}: cfg: not readable YAML ({_first_line(e)})") from None
+    except RecursionError:
+        raise CheckpointError(f"{path}: cfg: nested too deeply to be a SlowFast config") from None
+    data = parsed.get("DATA") if isinstance(parsed, dict) else None
+    if not isinstance(data, dict) or "NUM_FRAMES" not in data or "TRAIN_CROP_SIZE" not in data:
+        return None, None  # the cfg says nothing of the clip; the shapes still say what they can
     try:
-        recipe = Recipe(
-            frames=clip[0], stride=int(data["SAMPLING_RATE"]), train_crop=clip[1],
-            test_short_side=int(data["TRAIN_JITTER_SCALES"][0]), test_crop=int(data["TEST_CROP_SIZE"]),
-            target_fps=int(data.get("TARGET_FPS", 30)),
-            mean=tuple(data.get("MEAN", (0.45,) * 3)), std=tuple(data.get("STD", (0.225,) * 3)),
-        )
-    except (KeyError, IndexError, TypeError, ValueError):
-        recipe = None
+        clip = (require_int("frames", data["NUM_FRAMES"], 1, MAX_FRAMES),
+                require_int("train_crop", data["TRAIN_CROP_SIZE"], 1, MAX_SIZE))
+        if not all(k in data for k in ("SAMPLING_RATE", "TRAIN_JITTER_SCALES", "TEST_CROP_SIZE")):
+            return clip, None
+        scales = data["TRAIN_JITTER_SCALES"]
+        if not isinstance(scales, list) or not scales:
+            raise FieldError("test_short_side", f"must be a list of sizes, not {scales!r}"[:200])
+        recipe = Recipe(frames=clip[0], stride=data["SAMPLING_RATE"], train_crop=clip[1], test_short_side=scales[0],
+                        test_crop=data["TEST_CROP_SIZE"], target_fps=data.get("TARGET_FPS", 30),
+                        mean=data.get("MEAN", (0.45,) * 3), std=data.get("STD", (0.225,) * 3))
+    except FieldError as e:
+        name, _, index = e.field.partition("[")
+        raise CheckpointError(f"{path}: cfg {_CFG_NAMES.get(name, name)}{'[' + index if index else ''}: "
+                              f"{e.reason}") from None
+    except ConfigError as e:
+        raise CheckpointError(f"{path}: cfg DATA: {e}") from None
     return clip, recipe
+
+
+def _metadata_field(metadata: dict[str, str], key: str, build, path: Path):
+    """``build(fields)`` from the JSON object stored under ``key``, or an error naming the key and field."""
+    try:
+        fields = json.loads(metadata[key])
+        if not isinstance(fields, dict):
+            raise ConfigError(f"must be an object of fields, not {type(fields).__name__}")
+        return build(fields)
+    except RecursionError:
+        raise CheckpointError(f"{path}: {key} metadata: nested too deeply") from None
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"{path}: damaged {key} metadata ({_first_line(e)})") from None
 
 
 def _config(
     architecture: dict | None, recorded: X3DConfig | tuple | None, sd: Mapping[str, Tensor]
 ) -> X3DConfig | None:
-    if architecture is None:
-        return None
     if isinstance(recorded, X3DConfig):
         return recorded
+    if architecture is None:
+        return None
     classes = sd["fc2.weight"].shape[0] if "fc2.weight" in sd else 400
     matches = [c for c in VARIANTS.values() if c.architecture() == architecture]
     if recorded is not None:

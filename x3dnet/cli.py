@@ -9,6 +9,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+import torch
+
 from . import __version__
 from .backends import BACKENDS, PRECISIONS
 from .backends import export_model as export
@@ -18,7 +20,7 @@ from .evaluate import evaluate
 from .factory import create_model, load_model
 from .layouts import LAYOUTS
 from .predict import kinetics400_classes, predict, read_labels
-from .profile import plot, profile, size_table
+from .profile import cpu_name, plot, plot_path, profile, size_table
 from .synthetic import PATTERNS, make_dataset
 from .video import RESIZE_MODES
 from .views import PLACEMENTS, VIEW_PRESETS
@@ -99,7 +101,7 @@ def predict_videos(args: argparse.Namespace) -> int:
     failed = 0
     for result in predict(args.videos, model=args.model, weights=args.weights, views=args.views,
                           placement=args.placement, resize=args.resize, batch_size=args.batch_size,
-                          device=args.device, backend=args.backend, precision=args.precision):
+                          device=args.device, backend=args.backend, precision=args.precision, stills=args.stills):
         if isinstance(result, X3DNetError):
             print(f"x3dnet: error: {result}", file=sys.stderr, flush=True)
             failed += 1
@@ -111,9 +113,14 @@ def predict_videos(args: argparse.Namespace) -> int:
             raise X3DNetError(f"{args.labels or 'Kinetics-400 labels'}: {len(labels)} labels for a model "
                               f"with {classes} classes")
         top = result.top(args.top, labels)
+        if result.corrupt:
+            n = len(result.corrupt)
+            print(f"x3dnet: warning: {result.video}: {n} corrupt frame{'s' * (n > 1)} decoded (first at "
+                  f"{result.corrupt[0]:.2f} s): the decoder concealed damaged data, so the prediction may be "
+                  "off", file=sys.stderr, flush=True)
         if args.json:
             print(json.dumps({"video": result.video, "model": result.model, "views": result.views,
-                              "predictions": top}), flush=True)
+                              "corrupt_frames": len(result.corrupt), "predictions": top}), flush=True)
             continue
         print(f"{result.video}  ({result.model}, {result.views} view{'' if result.views == 1 else 's'})")
         for rank, p in enumerate(top, 1):
@@ -142,8 +149,7 @@ def synthesize(args: argparse.Namespace) -> None:
 
 
 def profile_models(args: argparse.Namespace) -> None:
-    if args.plot and not Path(args.plot).resolve().parent.is_dir():
-        raise X3DNetError(f"{args.plot}: its folder does not exist")
+    target = plot_path(args.plot) if args.plot else None  # checked before minutes of measuring
     rows = profile(args.model, backends=args.backend, precisions=args.precision, batch_sizes=args.batch_size,
                    device=args.device, runs=args.runs, warmup=args.warmup, crop=args.crop,
                    log=lambda line: print(line, file=sys.stderr, flush=True))
@@ -159,9 +165,10 @@ def profile_models(args: argparse.Namespace) -> None:
         } for r in rows], False)
         memory = "max allocated" if args.device != "cpu" else "process RSS"
         print(f"{args.runs} timed rounds after {args.warmup} warm-up calls, rows interleaved; GMACs: multiply-adds "
-              f"of conv and linear layers per clip; peak MB: {memory}.")
-    if args.plot:
-        print(f"wrote {plot(rows, args.plot)}", file=sys.stderr)
+              f"of conv and linear layers per clip; peak MB: {memory}.\nCPU: {cpu_name()}, "
+              f"{torch.get_num_threads()} threads")
+    if target:
+        print(f"wrote {plot(rows, target)}", file=sys.stderr)
 
 
 def export_model(args: argparse.Namespace) -> None:
@@ -248,6 +255,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     _engine_flags(p, default_backend="auto")
     p.add_argument("--json", action="store_true", help="one JSON object per video")
+    p.add_argument("--stills", action="store_true",
+                   help="accept still images (and one-frame videos) as clips of one repeated frame")
     p.set_defaults(run=predict_videos)
 
     p = verbs.add_parser("evaluate", help="top-1/top-5 of a labelled video list (resumable; torchrun shards it)")

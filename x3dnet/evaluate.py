@@ -29,7 +29,7 @@ from torch.utils.data import Dataset as TorchDataset
 from tqdm import tqdm
 
 from . import __version__
-from .backends import create_engine
+from .backends import check_device, create_engine
 from .datasets import Dataset, Sample, read_dataset
 from .errors import ConfigError, X3DNetError
 from .factory import DEFAULT_MODEL, load_model
@@ -103,11 +103,10 @@ def evaluate(
     saved there. Run under ``torchrun`` to shard the videos over processes; every rank returns the metrics.
     """
     log = log or (lambda line: print(line, file=sys.stderr, flush=True))
+    check_device(device)
     rank, world, local_rank, local_world, owned = _distributed(device)
     try:
         if device.startswith("cuda"):
-            if not torch.cuda.is_available():
-                raise ConfigError(f"device {device}: CUDA is not available here")
             device = f"cuda:{local_rank}" if world > 1 else device
         return _evaluate(
             data, model=model, weights=weights, root=root, classes=classes, views=views, placement=placement,

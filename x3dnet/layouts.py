@@ -10,6 +10,7 @@ converter functions below; any other key is an error that names it.
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Iterable, Mapping
 
@@ -90,14 +91,6 @@ _MMACTION2 = (
     ("fc2.{p}", "cls_head.fc2.{p}"),  # (400, 2048)
 )
 
-# One key no other layout has, to recognise each layout by (not by the file's name).
-_ANCHORS = {
-    NATIVE: "stem.conv_spatial.weight",
-    "slowfast": "s1.pathway0_stem.conv_xy.weight",
-    "pytorchvideo": "blocks.0.conv.conv_t.weight",
-    "mmaction2": "backbone.conv1_s.conv.weight",
-}
-
 _FIELDS = {
     "k": r"\d+",
     "j": r"\d+",
@@ -145,16 +138,39 @@ _TABLES = {"slowfast": _Table(_SLOWFAST), "pytorchvideo": _Table(_PYTORCHVIDEO),
 
 
 def detect_layout(keys: Iterable[str]) -> tuple[str, str] | None:
-    """``(layout, prefix)`` from a state dict's keys, or None. The prefix (``module.`` from DDP,
-    ``model.`` from SlowFast's PTVX3D wrapper, ...) is whatever every key carries before the anchor."""
+    """``(layout, prefix)`` from a state dict's keys, or None when few of them fit any layout.
+
+    The layout is the one that names the most keys (one renamed or extra key does not hide it: it is
+    reported later, in the file's names, as missing or unexpected); the prefix (``module.`` from DDP,
+    ``model.`` from SlowFast's PTVX3D wrapper, ...) is whatever every key carries before those names.
+    """
     keys = list(keys)
-    for layout, anchor in _ANCHORS.items():
-        for key in keys:
-            if key.endswith(anchor):
-                prefix = key[: -len(anchor)]
-                if all(k.startswith(prefix) for k in keys):
-                    return layout, prefix
-    return None
+    best: tuple[int, str | None, str] = (0, None, "")
+    for prefix in _prefixes(keys):
+        stripped = [k[len(prefix):] for k in keys]
+        for layout in LAYOUTS:
+            known = sum(is_known(k, layout) for k in stripped)
+            if known == len(keys):
+                return layout, prefix
+            if known > best[0]:
+                best = (known, layout, prefix)
+    known, layout, prefix = best
+    if layout is None or known < max(8, len(keys) // 2):
+        return None
+    return layout, prefix
+
+
+def is_known(key: str, layout: str) -> bool:
+    """Whether ``key`` (without prefix) is an X3D key of ``layout``."""
+    if layout == NATIVE:  # every native key has a SlowFast name
+        return _TABLES["slowfast"].from_native(key) is not None
+    return _TABLES[layout].to_native(key) is not None
+
+
+def _prefixes(keys: list[str]) -> list[str]:
+    """The prefixes every key shares, cut at dots, longest first, and the empty one."""
+    common = os.path.commonprefix(keys) if keys else ""
+    return [common[: i + 1] for i in range(len(common) - 1, -1, -1) if common[i] == "."] + [""]
 
 
 def to_native(state_dict: Mapping[str, Tensor], layout: str) -> dict[str, Tensor]:
@@ -162,16 +178,14 @@ def to_native(state_dict: Mapping[str, Tensor], layout: str) -> dict[str, Tensor
     if layout == NATIVE:
         return dict(state_dict)
     table = _TABLES[layout]
-    out, unknown = {}, []
+    out = {}
     for key, value in state_dict.items():
         renamed = table.to_native(key)
-        if renamed is None:
-            unknown.append(key)
+        if renamed is None:  # kept under its own name: strict loading reports it as unexpected
+            out[key] = value
             continue
         name, conv = renamed
         out[name] = value.flatten(1) if conv and value.dim() == 5 else value
-    if unknown:
-        raise CheckpointError(f"keys not in the {layout} layout of X3D: {name_list(unknown)}")
     return _restore_shortcut_bn(out) if layout == "pytorchvideo" else out
 
 

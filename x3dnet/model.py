@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .errors import ConfigError
+from .errors import ConfigError, require_float, require_int, require_ints
+from .recipe import MAX_FRAMES, MAX_SIZE
 
 HeadPooling = Literal["window", "global"]
 
@@ -46,11 +47,28 @@ class X3DConfig:
     derived: bool = False  # True for sizes with no published configuration (X3D-XL)
 
     def __post_init__(self) -> None:
+        # Every field is checked here, once: configs also come from files, and a file must not be able to
+        # size a network (or a clip) beyond reason before anything else looks at it.
+        def put(name: str, value: object) -> None:
+            object.__setattr__(self, name, value)
+
+        if not isinstance(self.name, str) or not 0 < len(self.name) <= 100:
+            raise ConfigError(f"name: must be a short string, not {self.name!r}"[:200])
+        put("frames", require_int("frames", self.frames, 1, MAX_FRAMES))
+        put("train_crop", require_int("train_crop", self.train_crop, 1, MAX_SIZE))
+        put("stem_width", require_int("stem_width", self.stem_width, 1, 4096))
+        put("depths", require_ints("depths", self.depths, 4, 1, 100))
+        for name in ("widths", "inner_widths", "se_widths"):
+            put(name, require_ints(name, getattr(self, name), 4, 1, 8192))
+        put("head_width", require_int("head_width", self.head_width, 1, 65536))
+        put("num_classes", require_int("num_classes", self.num_classes, 1, 100_000))
+        put("dropout", require_float("dropout", self.dropout, 0.0, 1.0))
+        if self.dropout == 1.0:
+            raise ConfigError("dropout: must be below 1 (1 drops every feature), not 1.0")
         if self.head_pooling not in ("window", "global"):
-            raise ConfigError(f"head_pooling must be 'window' or 'global', not {self.head_pooling!r}")
-        stage_fields = (self.depths, self.widths, self.inner_widths, self.se_widths)
-        if any(len(f) != 4 for f in stage_fields):
-            raise ConfigError("depths, widths, inner_widths and se_widths need one entry per stage (4)")
+            raise ConfigError(f"head_pooling must be 'window' or 'global', not {self.head_pooling!r}"[:200])
+        if not isinstance(self.derived, bool):
+            raise ConfigError(f"derived: must be true or false, not {self.derived!r}"[:200])
 
     @property
     def conv5_width(self) -> int:

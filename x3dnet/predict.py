@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from .backends import Engine, create_engine
+from .backends import Engine, check_device, create_engine
 from .errors import ConfigError, X3DNetError
 from .factory import load_model
 from .model import X3D
@@ -40,6 +40,7 @@ class Prediction:
     model: str
     views: int
     scores: Tensor  # (classes,): the mean of the per-view probabilities
+    corrupt: list[float] = field(default_factory=list)  # seconds of the frames the decoder flagged as damaged
 
     def top(self, k: int, labels: Sequence[str] | None = None) -> list[dict[str, object]]:
         """The ``k`` best classes, best first: ``{"label", "index", "score"}``; labels default to indices."""
@@ -59,10 +60,10 @@ def view_probabilities(model: X3D | Engine, views: Views, *, batch_size: int = 8
 
 
 def predict_video(model: X3D | Engine, path: str | os.PathLike[str], recipe: ViewRecipe, *,
-                  batch_size: int = 8) -> Prediction:
-    views = make_views(path, recipe)
+                  batch_size: int = 8, stills: bool = False) -> Prediction:
+    views = make_views(path, recipe, stills=stills)
     probs = view_probabilities(model, views, batch_size=batch_size)
-    return Prediction(str(path), model.config.name, len(views), probs.mean(0))
+    return Prediction(str(path), model.config.name, len(views), probs.mean(0), views.corrupt)
 
 
 def predict(
@@ -77,15 +78,16 @@ def predict(
     device: str = "cpu",
     backend: str = "auto",
     precision: str = "fp32",
+    stills: bool = False,
 ) -> Iterator[Prediction | X3DNetError]:
     """Predict each video; a video that cannot be read yields its error, and the others go on.
 
     The model and its recipe come from ``load_model`` (the published weights by default); the views are
     the recipe's 1-, 10- or 30-view preset for ``placement``; ``backend`` is an engine of
     ``x3dnet.backends`` (``auto``: the fastest installed), checked against eager PyTorch before use.
+    ``stills``: take a still image (or a one-frame video) as a clip of that frame repeated.
     """
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"device {device}: CUDA is not available here")
+    check_device(device)
     net, recipe = load_model(model, weights=weights)
     try:
         view_set = view_recipe(recipe, views, placement=placement, resize=resize)
@@ -95,6 +97,6 @@ def predict(
     engine = create_engine(net, backend=backend, device=device, precision=precision, input_shape=shape)
     for video in videos:
         try:
-            yield predict_video(engine, video, view_set, batch_size=batch_size)
+            yield predict_video(engine, video, view_set, batch_size=batch_size, stills=stills)
         except X3DNetError as e:
             yield e

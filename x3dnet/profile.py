@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from .backends import create_engine, pick_backend
+from .backends import check_device, create_engine, pick_backend
 from .errors import X3DNetError
 from .model import VARIANTS, X3D, X3DConfig, get_config
 from .recipe import RECIPES
@@ -82,6 +82,7 @@ def profile(
     rounds times one batch of every row in turn, so slow phases of the machine hit all rows alike.
     ``crop`` is ``"train"`` (the published tables' input) or ``"test"`` (the 3-crop test size).
     """
+    check_device(device)
     rows, engines = [], []
     for name in models:
         config = get_config(name)
@@ -129,6 +130,17 @@ def profile(
     return rows
 
 
+def plot_path(path: str | Path) -> Path:
+    """Where ``plot`` will write: ``path``, with ``.png`` added when it has no extension (matplotlib would add
+    it silently); a folder, or a file in a folder that does not exist, is refused."""
+    path = Path(path)
+    if str(path) == "" or path.is_dir():
+        raise X3DNetError(f"{path}: is a folder; name the image file (e.g. {path / 'profile.png'})")
+    if not path.resolve().parent.is_dir():
+        raise X3DNetError(f"{path}: its folder does not exist")
+    return path if path.suffix else path.with_suffix(".png")
+
+
 def plot(rows: Sequence[dict[str, object]], path: str | Path) -> Path:
     """Throughput against GMACs, one line per backend and precision, one point per model."""
     try:
@@ -152,7 +164,7 @@ def plot(rows: Sequence[dict[str, object]], path: str | Path) -> Path:
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    path = Path(path)
+    path = plot_path(path)
     try:
         fig.savefig(path)
     except OSError as e:
@@ -160,6 +172,18 @@ def plot(rows: Sequence[dict[str, object]], path: str | Path) -> Path:
     finally:
         plt.close(fig)
     return path
+
+
+def cpu_name() -> str:
+    """The CPU model and its vector extensions, as lscpu names them: every number printed depends on them."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "unknown"
+    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?")
+    flags = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
+    wanted = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16", "avx512_fp16")
+    return f"{model} ({', '.join(f for f in wanted if f in flags) or 'no AVX2'})"
 
 
 def _timed(engine, clips: torch.Tensor, device: str) -> float:

@@ -13,7 +13,6 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
-from pathlib import Path
 
 import av
 import torch
@@ -21,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .errors import VideoError
+from .paths import input_file
 
 RESIZE_MODES = ("area", "bilinear")
 _SEEK_GAP_S = 2.0  # seek only across gaps longer than this; shorter ones decode faster than a seek
@@ -38,10 +38,13 @@ class VideoInfo:
     duration: int | None  # in time_base units
     time_base: Fraction
     codec: str
+    start: int = 0  # the stream's start time (pts of its first frame), in time_base units
+    still: bool = False  # an image (PNG, JPEG, ...) or a video of one frame: nothing moves in it
 
     @property
     def seconds(self) -> float | None:
         return None if self.duration is None else float(self.duration * self.time_base)
+
 
     @property
     def selective(self) -> bool:
@@ -99,11 +102,13 @@ def output_size(height: int, width: int, short_side: int, mode: str) -> tuple[in
 
 @dataclass(frozen=True)
 class FrameFormat:
-    """How a picked frame is stored: RGB resized to ``short_side`` by ``resize``.
+    """How a picked frame is stored: RGB resized to ``short_side`` by ``resize``, turned upright.
 
     ``area`` frames stay uint8 (H, W, 3); swscale resizes them while converting from YUV. ``bilinear``
     frames come back normalised, float32 (3, H, W): the original normalises before its bilinear
-    resize, and the order changes the last bits.
+    resize, and the order changes the last bits. A frame with a display rotation (a phone held
+    upright) is rotated as players show it; the original ignores the rotation, and so sees such
+    videos sideways (Kinetics was re-encoded by FFmpeg, which applies it).
     """
 
     short_side: int
@@ -113,15 +118,25 @@ class FrameFormat:
 
     def __call__(self, frame: av.VideoFrame) -> Tensor:
         h, w = output_size(frame.height, frame.width, self.short_side, self.resize)
+        turns = quarter_turns(frame)
         if self.resize == "area":
             rgb = frame.reformat(width=w, height=h, format="rgb24", interpolation="AREA")
-            return torch.from_numpy(rgb.to_ndarray())
+            x = torch.from_numpy(rgb.to_ndarray())
+            return x.rot90(turns, (0, 1)).contiguous() if turns else x
         # (H, W, 3) uint8 -> normalised float -> (1, 3, H, W) for interpolate
         x = torch.from_numpy(frame.to_ndarray(format="rgb24")).float() / 255.0
         x = ((x - torch.tensor(self.mean)) / torch.tensor(self.std)).permute(2, 0, 1)[None]
         if (h, w) != (frame.height, frame.width):
             x = F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False)
-        return x[0]
+        return x[0].rot90(turns, (1, 2)).contiguous() if turns else x[0]
+
+
+def quarter_turns(frame: av.VideoFrame) -> int:
+    """Counter-clockwise quarter turns that show ``frame`` upright, from its display matrix (0 without one).
+
+    FFmpeg reports the angle by which the display matrix turns the frame counter-clockwise (-90 for a
+    phone video that must be turned clockwise); the same turn, in ``rot90``'s sense."""
+    return round((frame.rotation or 0) / 90) % 4
 
 
 @dataclass
@@ -163,15 +178,26 @@ def probe(path: str | os.PathLike[str]) -> VideoInfo:
         return _info(path, container)
 
 
+@dataclass
+class Decoded:
+    """What one decoding pass found: per window its segment (None where no frame fell in it), and the
+    times (seconds) of the frames the decoder flagged as corrupt (damaged data it concealed)."""
+
+    segments: list[Segment | None]
+    corrupt: list[float]
+
+
 def read_segments(
     path: str | os.PathLike[str], windows: Sequence[Window], convert: Callable[[av.VideoFrame], Tensor], *,
     threads: int = 0,
-) -> list[Segment | None]:
-    """Decode ``path`` once and return, per window, its segment (None where no frame fell in it).
+) -> Decoded:
+    """Decode ``path`` once and return each window's segment, and where the decoder met damaged data.
 
     Windows are visited in order of start; a gap of more than two seconds to the next one is crossed by
     seeking to the key frame before it, so a long video is decoded only around its clips. ``threads``:
-    decoder threads (0: as many as FFmpeg likes; 1 where several decoders share the cores).
+    decoder threads (0: as many as FFmpeg likes; 1 where several decoders share the cores). Every frame
+    decoded must have the stream's frame size: a video whose size changes is refused, not cut at crop
+    offsets computed for another size.
     """
     order = sorted(range(len(windows)), key=lambda i: windows[i].start)
     collectors = [_Collector(w, frozenset(w.positions)) for w in windows]
@@ -185,8 +211,10 @@ def read_segments(
             recent[ordinal] = convert(frame)
         return recent[ordinal]
 
+    corrupt: list[float] = []
     with _open(path) as container:
-        time_base = _info(path, container).time_base
+        info = _info(path, container)
+        time_base = info.time_base
         stream = container.streams.video[0]
         _threads(stream, threads)
         frames = _decode(path, container, stream)
@@ -204,6 +232,11 @@ def read_segments(
                 break
             if frame.pts is None:
                 raise VideoError(f"{path}: frames without timestamps")
+            if (frame.width, frame.height) != (info.width, info.height):
+                raise VideoError(f"{path}: the frame size changes within the video (from {info.width}x{info.height} "
+                                 f"to {frame.width}x{frame.height} at {_seconds(frame.pts, time_base)})")
+            if frame.is_corrupt:
+                corrupt.append(float(frame.pts * time_base) if time_base else float(ordinal))
             if seeked and frame.pts > windows[pending[0]].start:
                 # The seek landed past the window: read on from the start instead, and seek no more.
                 container.seek(0, backward=True, any_frame=False, stream=stream)
@@ -220,7 +253,7 @@ def read_segments(
             ordinal += 1
         for i in active:  # windows still open at the end of the stream
             segments[i] = collectors[i].finish(convert_once)
-    return segments
+    return Decoded(segments, sorted(set(corrupt)))
 
 
 def count_frames(path: str | os.PathLike[str], *, threads: int = 0) -> int:
@@ -229,6 +262,10 @@ def count_frames(path: str | os.PathLike[str], *, threads: int = 0) -> int:
         stream = container.streams.video[0]
         _threads(stream, threads)
         return sum(1 for _ in _decode(path, container, stream))
+
+
+def _seconds(pts: int, time_base: Fraction) -> str:
+    return f"{float(pts * time_base):.2f} s" if time_base else f"pts {pts}"
 
 
 def _threads(stream: av.video.stream.VideoStream, threads: int) -> None:
@@ -241,13 +278,11 @@ class _open:
     """``av.open`` with every way it fails turned into a one-line ``VideoError``."""
 
     def __init__(self, path: str | os.PathLike[str]):
-        p = Path(path)
-        if not p.exists():
-            raise VideoError(f"{path}: no such file")
-        if p.is_dir():
-            raise VideoError(f"{path}: is a directory, not a video")
+        p = input_file(path, "video")  # a FIFO would block the demuxer forever
         try:
-            self.container = av.open(str(p), metadata_errors="ignore")
+            # "file:" and an absolute path: FFmpeg would read "file:x.mp4" or "rtmp:x.mp4" as a protocol
+            # and a name, and open another file or none; a local path is always a file.
+            self.container = av.open("file:" + os.path.abspath(p), metadata_errors="ignore")
         except (av.FFmpegError, UnicodeDecodeError, OSError) as e:
             raise VideoError(f"{path}: not a readable video ({_reason(e)})") from None
         if not self.container.streams.video:
@@ -271,9 +306,12 @@ def _info(path: str | os.PathLike[str], container: av.container.InputContainer) 
         raise VideoError(f"{path}: the video stream has no frame size")
     if not rate:
         raise VideoError(f"{path}: the video stream has no frame rate")
+    # An image demuxer (png_pipe, jpeg_pipe, image2, ...) holds pictures, not a video.
+    image = container.format.name == "image2" or container.format.name.endswith("_pipe")
     return VideoInfo(
         path=str(path), width=ctx.width, height=ctx.height, fps=float(rate), frames=stream.frames or 0,
         duration=stream.duration, time_base=stream.time_base or Fraction(0), codec=ctx.name,
+        start=stream.start_time or 0, still=image or stream.frames == 1,
     )
 
 

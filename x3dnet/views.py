@@ -13,6 +13,7 @@ Two protocols, both written from the spec (section 4):
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from collections.abc import Iterator, Sequence
@@ -139,6 +140,7 @@ class Views:
     offsets: list[tuple[int, int]]
     pts: list[list[int]]  # per clip, the pts of its T frames
     decoded: list[str]  # per clip: "window" (selective, as the original) or "whole" (header unusable)
+    corrupt: list[float] = dataclasses.field(default_factory=list)  # seconds of frames the decoder flagged
 
     def __len__(self) -> int:
         return len(self.clips) * len(self.offsets)
@@ -183,43 +185,54 @@ class Views:
         return self.stack(range(len(self)))
 
 
-def make_views(path: str | os.PathLike[str], recipe: ViewRecipe, *, threads: int = 0) -> Views:
+def make_views(path: str | os.PathLike[str], recipe: ViewRecipe, *, threads: int = 0, stills: bool = False) -> Views:
     """Decode ``path`` once and build its ``recipe.views`` views.
 
     Clips are placed from the stream header and read on their own pts windows, as the original does. A clip
     whose window holds no frame (or every clip, when the header gives no duration or frame count) is
     placed instead on the frames of the whole video, counted by decoding it: the original's fallback.
-    ``threads``: decoder threads (0: FFmpeg's choice).
+    Windows count from the stream's start time (the original counts from pts 0, which moves every clip of
+    a stream that starts later). ``threads``: decoder threads (0: FFmpeg's choice). A still image, or a
+    video of one frame, is refused unless ``stills``: then its clips repeat that frame.
     """
     info = probe(path)
+    if info.still and not stills:
+        raise VideoError(f"{path}: a still image, not a video (allow stills to use it as a clip of one repeated frame)")
     fmt = FrameFormat(recipe.short_side, recipe.resize, recipe.mean, recipe.std)
     span = recipe.span(info.fps)
     segments: list[Segment | None] = [None] * recipe.clips
     decoded = ["whole"] * recipe.clips
+    corrupt: set[float] = set()
     if info.selective:
         local = frame_positions(0, span - 1, recipe.frames)
         p = info.pts_per_frame
-        windows = [Window(int(s * p), int((s + span - 1) * p), local)
+        windows = [Window(info.start + int(s * p), info.start + int((s + span - 1) * p), local)
                    for s in clip_starts(info.frames, span, recipe.clips, recipe.placement)]
-        segments = read_segments(path, windows, fmt, threads=threads)
-        decoded = ["window" if s is not None else "whole" for s in segments]
+        found = read_segments(path, windows, fmt, threads=threads)
+        segments, decoded = found.segments, ["window" if s is not None else "whole" for s in found.segments]
+        corrupt.update(found.corrupt)
     missing = [i for i, s in enumerate(segments) if s is None]
     if missing:
         n = count_frames(path, threads=threads)
         if n == 0:
             raise VideoError(f"{path}: has no frames")
+        if n == 1 and not stills:
+            raise VideoError(f"{path}: a video of one frame, a still image (allow stills to use it as a clip of one "
+                             "repeated frame)")
         starts = clip_starts(n, span, recipe.clips, recipe.placement)
         windows = [Window(-math.inf, math.inf, frame_positions(starts[i], starts[i] + span - 1, recipe.frames),
                           one_past=False) for i in missing]
-        for i, segment in zip(missing, read_segments(path, windows, fmt, threads=threads), strict=True):
+        found = read_segments(path, windows, fmt, threads=threads)
+        for i, segment in zip(missing, found.segments, strict=True):
             segments[i] = segment
+        corrupt.update(found.corrupt)
+    sizes = {tuple(f.shape) for s in segments for f in s.frames}
+    if len(sizes) > 1:  # read_segments checks every frame against the header; this guards the views' offsets
+        raise VideoError(f"{path}: the frame size changes within the video")
     h, w = segments[0].frames[0].shape[:2] if recipe.resize == "area" else segments[0].frames[0].shape[1:]
-    try:
-        clips = [torch.stack(s.frames, dim=0 if recipe.resize == "area" else 1) for s in segments]
-    except RuntimeError:
-        raise VideoError(f"{path}: the frame size changes within the video") from None
+    clips = [torch.stack(s.frames, dim=0 if recipe.resize == "area" else 1) for s in segments]
     return Views(
         video=info, recipe=recipe, clips=clips, size=(h, w),
         offsets=crop_offsets(h, w, recipe.crop, recipe.crops, recipe.placement),
-        pts=[s.pts for s in segments], decoded=decoded,
+        pts=[s.pts for s in segments], decoded=decoded, corrupt=sorted(corrupt),
     )
