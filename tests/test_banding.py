@@ -10,6 +10,11 @@ from x3dnet import X3D, banding, create_model, load_weights
 from x3dnet.backends import create_engine, export_model, installed
 from x3dnet.banding import BandedBlock, BandedX3D
 
+# Two fp32 computations of one function in another order: the original's own output is 5.7e-7 from fp64
+# on tiny_a, and oneDNN picks other kernels on other CPUs (the banded form measured 1.4e-6 on a Xeon with
+# AMX, 1e-6 or less elsewhere). A band short of one halo row is off by more than 1e-3.
+FP32_FLOOR = 1e-5
+
 
 @pytest.fixture
 def tiny_a() -> X3D:
@@ -45,7 +50,7 @@ def test_banded_matches_the_original(tiny_a, small_bands, crop):
     first, stem_rows = plans(banded)[0], (x.shape[3] - 1) // 2 + 1
     assert len(first) >= 4 and first[0][0] == 0 and first[-1][1] == (stem_rows - 1) // 2 + 1  # res2.0's rows
     with torch.inference_mode():
-        torch.testing.assert_close(banded(x).softmax(1), expected, atol=1e-6, rtol=0)
+        torch.testing.assert_close(banded(x).softmax(1), expected, atol=FP32_FLOOR, rtol=0)
 
 
 @pytest.mark.parametrize("shape", [(4, 67, 53), (3, 45, 90), (5, 36, 36)])

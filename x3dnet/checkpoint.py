@@ -12,7 +12,6 @@ import json
 import os
 import pickle
 import re
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +26,7 @@ from . import layouts
 from .errors import CheckpointError, ConfigError, FieldError, require_int
 from .layouts import NATIVE, foreign_name, name_list
 from .model import VARIANTS, X3D, X3DConfig, get_config
+from .paths import PathError, atomic_path, input_file, output_file, write_atomic_with
 from .recipe import MAX_FRAMES, MAX_SIZE, RECIPES, Recipe
 
 _META_FORMAT, _META_CONFIG, _META_RECIPE = "x3dnet.format", "x3dnet.config", "x3dnet.recipe"
@@ -162,6 +162,7 @@ def write_checkpoint(state_dict: Mapping[str, Tensor], path: str | os.PathLike[s
     ``{"model_state"}``, mmaction2 ``{"state_dict", "meta"}``. The SlowFast cfg is a short YAML that
     records the config's training clip and the recipe, where they are known."""
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in layouts.from_native(state_dict, layout).items()}
     if layout == NATIVE:
         if config is None:
@@ -169,7 +170,7 @@ def write_checkpoint(state_dict: Mapping[str, Tensor], path: str | os.PathLike[s
         metadata = {_META_FORMAT: "1", _META_CONFIG: json.dumps(dataclasses.asdict(config))}
         if recipe is not None:
             metadata[_META_RECIPE] = json.dumps(recipe.to_dict())
-        return _atomic(path, lambda tmp: safetensors.torch.save_file(tensors, tmp, metadata=metadata))
+        return write_atomic_with(path, lambda tmp: safetensors.torch.save_file(tensors, tmp, metadata=metadata))
     if layout == "slowfast":
         obj = {"model_state": tensors}
         if config is not None:
@@ -178,7 +179,7 @@ def write_checkpoint(state_dict: Mapping[str, Tensor], path: str | os.PathLike[s
         obj = {"model_state": tensors}
     else:
         obj = {"state_dict": tensors, "meta": {}}
-    return _atomic(path, lambda tmp: torch.save(obj, tmp))
+    return write_atomic_with(path, lambda tmp: torch.save(obj, tmp))
 
 
 @dataclass(frozen=True)
@@ -191,11 +192,23 @@ class Conversion:
 
 
 def convert_checkpoint(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, to: str = NATIVE,
-                       model: str | None = None) -> Conversion:
+                       model: str | None = None, force: bool = False) -> Conversion:
     """Convert a checkpoint to another layout. The written file is read back and run against the
-    source before it takes its name; ``model`` names the size where the file cannot tell (XS/S/M)."""
+    source before it takes its name; ``model`` names the size where the file cannot tell (XS/S/M).
+    An existing ``dst`` is replaced only with ``force``, never when it is ``src`` itself; its extension must
+    be the format's (``.safetensors`` for native, ``.pyth``/``.pth``/``.pt`` for the PyTorch layouts)."""
     if to not in layouts.LAYOUTS:
         raise CheckpointError(f"unknown layout {to!r}; choose one of {', '.join(layouts.LAYOUTS)}")
+    suffixes = (".safetensors",) if to == NATIVE else (".pyth", ".pth", ".pt")
+    if Path(dst).suffix.lower() not in suffixes:
+        raise CheckpointError(f"{dst}: a {to} checkpoint is a {'safetensors' if to == NATIVE else 'PyTorch'} file: "
+                              f"name it {' or '.join('*' + s for s in suffixes)}")
+    try:
+        if Path(dst).exists() and Path(src).exists() and os.path.samefile(src, dst):
+            raise CheckpointError(f"{dst}: is the source file; write the conversion to another file")
+        dst = output_file(dst, force=force, what="checkpoint")
+    except PathError as e:
+        raise CheckpointError(str(e)) from None
     ckpt = load_checkpoint(src)
     reference = _probe(ckpt)  # loads the source strictly first: a bad key is named before anything is written
     config, recipe = ckpt.config, ckpt.recipe
@@ -209,16 +222,11 @@ def convert_checkpoint(src: str | os.PathLike[str], dst: str | os.PathLike[str],
         )
     if recipe is None and config is not None:
         recipe = RECIPES.get(config.name)
-    dst = Path(dst)
-    tmp = dst.with_name(f".{dst.name}.check")
-    try:
+    with atomic_path(dst) as tmp:  # checked under a temporary name, then renamed
         write_checkpoint(ckpt.state_dict, tmp, layout=to, config=config, recipe=recipe)
         diff = (_probe(load_checkpoint(tmp)) - reference).abs().max().item()
         if not diff <= 1e-5:
             raise CheckpointError(f"{dst}: converted file computes something else (max |dp| = {diff:.2e})")
-        os.replace(tmp, dst)
-    finally:
-        tmp.unlink(missing_ok=True)
     return Conversion(ckpt, dst, to, len(layouts.from_native(ckpt.state_dict, to)), diff)
 
 
@@ -238,24 +246,11 @@ def _probe(ckpt: Checkpoint) -> Tensor:
         return net(x).softmax(1)
 
 
-def _atomic(path: Path, write) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
-
-
 def _read(path: Path) -> tuple[object, dict[str, str]]:
-    if not path.exists():
-        raise CheckpointError(f"{path}: no such file")
-    if path.is_dir():
-        raise CheckpointError(f"{path}: is a directory, not a checkpoint file")
+    try:
+        input_file(path, "checkpoint")  # a FIFO would make torch.load wait forever
+    except PathError as e:
+        raise CheckpointError(str(e)) from None
     with open(path, "rb") as f:
         head = f.read(16)
     if head.startswith(b"PK\x03\x04"):  # torch.save's zip container

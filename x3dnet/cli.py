@@ -19,6 +19,7 @@ from .errors import X3DNetError
 from .evaluate import evaluate
 from .factory import create_model, load_model
 from .layouts import LAYOUTS
+from .paths import os_error_line
 from .predict import kinetics400_classes, predict, read_labels
 from .profile import cpu_name, plot, plot_path, profile, size_table
 from .synthetic import PATTERNS, make_dataset
@@ -89,7 +90,7 @@ def inspect(args: argparse.Namespace) -> None:
 
 
 def convert(args: argparse.Namespace) -> None:
-    done = convert_checkpoint(args.src, args.dst, to=args.to, model=args.model)
+    done = convert_checkpoint(args.src, args.dst, to=args.to, model=args.model, force=args.force)
     print(
         f"wrote {done.path}: {done.layout} layout, {done.tensors} tensors, from {done.source.layout} "
         f"({done.source.describe()}); max |dp| vs source {done.max_abs_diff:.1e}"
@@ -142,7 +143,7 @@ def evaluate_list(args: argparse.Namespace) -> None:
 
 def synthesize(args: argparse.Namespace) -> None:
     made = make_dataset(args.out, videos_per_class=args.videos_per_class, seconds=args.seconds,
-                        size=tuple(args.size), fps=args.fps, seed=args.seed)
+                        size=tuple(args.size), fps=args.fps, seed=args.seed, force=args.force)
     print(f"wrote {len(made.labels)} videos of {len(PATTERNS)} classes under {made.videos}\n"
           f"  path-label list: {made.slowfast}\n  Kinetics CSV:    {made.kinetics_csv} (--root {made.videos})\n"
           f"  class folders:   {made.videos}\n  class names:     {made.classes}")
@@ -200,7 +201,13 @@ def _positive(text: str) -> int:
 
 
 def _non_negative(text: str) -> int:
-    return 0 if text.strip() == "0" else _positive(text)
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected 0 or a positive integer, not {text!r}")
+    return value
 
 
 def _emit(rows: list[dict[str, object]], as_json: bool) -> None:
@@ -236,6 +243,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("dst")
     p.add_argument("--to", choices=LAYOUTS, default="native", help="target layout (default: native, safetensors)")
     p.add_argument("--model", help="the variant, where the file cannot tell (XS, S and M share shapes)")
+    p.add_argument("--force", action="store_true", help="replace DST if it exists")
     p.set_defaults(run=convert)
 
     p = verbs.add_parser("predict", help="the top classes of each video (mean of the per-view probabilities)")
@@ -287,6 +295,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--fps", type=_positive, default=30)
     p.add_argument("--size", type=_positive, nargs=2, default=[128, 96], metavar=("WIDTH", "HEIGHT"))
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--force", action="store_true", help="write into a folder that is not empty, replacing its videos")
     p.set_defaults(run=synthesize)
 
     p = verbs.add_parser("profile", help="GMACs, parameters and clips per second of models and engines, measured here")
@@ -323,6 +332,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         status = args.run(args)
     except X3DNetError as e:
         print(f"x3dnet: error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:  # the filesystem said no: read-only, full, a file where a folder should be, ...
+        print(f"x3dnet: error: {os_error_line(e)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("x3dnet: interrupted", file=sys.stderr)

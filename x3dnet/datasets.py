@@ -41,6 +41,7 @@ class Dataset:
     classes: tuple[str, ...]
     samples: tuple[Sample, ...]
     sha256: str  # of the list file (of the sorted relative paths for a folder tree)
+    root: Path  # where the list's paths lead from: --root, the list's folder, or the folder tree itself
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -107,7 +108,7 @@ def read_dataset(
     if not samples:
         raise DatasetError(f"{source}: lists no videos")
     _no_duplicates(samples)
-    return Dataset(source, fmt, index.classes, tuple(samples), hashlib.sha256(text.encode()).hexdigest())
+    return Dataset(source, fmt, index.classes, tuple(samples), hashlib.sha256(text.encode()).hexdigest(), base)
 
 
 def _read_path_label(source: Path, text: str, base: Path, index: ClassIndex) -> list[Sample]:
@@ -178,12 +179,15 @@ def _read_folders(source: Path, index: ClassIndex) -> Dataset:
     if not samples:
         raise DatasetError(f"{source}: no videos in class folders ({', '.join(VIDEO_EXTENSIONS)})")
     digest = hashlib.sha256("\n".join(listing).encode()).hexdigest()
-    return Dataset(source, "folders", index.classes, tuple(samples), digest)
+    return Dataset(source, "folders", index.classes, tuple(samples), digest, source)
 
 
 def _no_duplicates(samples: list[Sample]) -> None:
-    first: dict[str, str] = {}
+    # One file under two spellings (a/../a/x.mp4, ./a/x.mp4, a//x.mp4) is still listed twice.
+    first: dict[str, Sample] = {}
     for s in samples:
-        if s.video in first:
-            raise DatasetError(f"{s.where}: {s.video} is listed twice (first at {first[s.video]})")
-        first[s.video] = s.where
+        key = os.path.normpath(s.path)
+        if key in first:
+            again = "" if first[key].video == s.video else f" (as {first[key].video})"
+            raise DatasetError(f"{s.where}: {s.video} is listed twice{again} (first at {first[key].where})")
+        first[key] = s

@@ -151,7 +151,8 @@ def _evaluate(data, *, model, weights, root, classes, views, placement, resize, 
         raise ConfigError(str(e)) from None
     identity = {
         "data": str(dataset.source), "data_format": dataset.format, "data_sha256": dataset.sha256,
-        "root": str(root) if root is not None else None, "model": net.config.name, "weights": str(weights_path),
+        # Where the list's paths lead, resolved: another --root is another set of files.
+        "root": str(dataset.root.resolve()), "model": net.config.name, "weights": str(weights_path),
         "weights_sha256": _sha256(weights_path),
         "classes_sha256": hashlib.sha256("\n".join(names).encode()).hexdigest(),
         "recipe": json.loads(json.dumps(dataclasses.asdict(view_set))), "views": view_set.views, "precision": precision,
@@ -159,12 +160,25 @@ def _evaluate(data, *, model, weights, root, classes, views, placement, resize, 
     }
 
     # Rank 0 reads what earlier runs finished and tells the others, or tells them why it cannot start.
-    error, done = None, {}
+    error, done, lock = None, {}, None
     if rank == 0:
         try:
-            done = open_run(out, identity, resume=resume, dataset=dataset) if out else {}
+            lock, done = open_run(out, identity, resume=resume, dataset=dataset) if out else (None, {})
         except X3DNetError as e:
             error = str(e)
+    try:
+        return _evaluate_locked(
+            net, recipe, dataset, view_set, identity, weights_path, done, error, out=out, resume=resume,
+            batch_size=batch_size, workers=workers, save_scores=save_scores, device=device, backend=backend,
+            precision=precision, progress=progress, log=log, rank=rank, world=world, local_world=local_world)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _evaluate_locked(net, recipe, dataset, view_set, identity, weights_path, done, error, *, out, resume, batch_size,
+                     workers, save_scores, device, backend, precision, progress, log, rank, world,
+                     local_world) -> dict:
     error, finished = _broadcast((error, sorted(done)), world)
     if error:
         raise X3DNetError(error)
@@ -207,10 +221,14 @@ def _evaluate(data, *, model, weights, root, classes, views, placement, resize, 
     metrics = None
     if rank == 0:
         new = [r for part in gathered for r in part]
-        metrics = _finish(out, identity, dataset, {**done, **{r["index"]: r for r in new}}, new_videos=len(new),
+        metrics = _finish(out, identity, dataset, {**done, **{r["index"]: r for r in new}}, new_records=new,
                           wall=wall, engine=engine.describe(), world=world, batch_size=batch_size, workers=workers,
                           save_scores=save_scores, log=log)
-    return _broadcast(metrics, world)
+    metrics = _broadcast(metrics, world)
+    if metrics["videos"] == 0:
+        raise X3DNetError(f"no video could be evaluated: all {metrics['failed']} failed"
+                          + (f" (their reasons are in {out / 'metrics.json'})" if out is not None else ""))
+    return metrics
 
 
 def _rank0_first(fn: Callable[[], object], rank: int, world: int) -> object:
@@ -291,7 +309,7 @@ def _run(engine, items, dataset: Dataset, records: list[dict], *, batch_size: in
             if error is not None:
                 record({"index": index, "video": sample.video, "label": sample.label, "error": error})
                 continue
-            video = {"index": index, "views": views, "left": len(views),
+            video = {"index": index, "views": views, "left": len(views), "corrupt": len(views.corrupt),
                      "probs": torch.empty(len(views), engine.config.num_classes)}
             pending.extend((video, v) for v in range(len(views)))
             while len(pending) >= batch_size:
@@ -309,7 +327,7 @@ def _result(video: dict, dataset: Dataset) -> dict:
     mean = video["probs"].mean(0)  # the video's score: the mean of its views' probabilities
     scores, top = mean.topk(min(TOP, mean.numel()))
     return {"index": video["index"], "video": sample.video, "label": sample.label, "top5": top.tolist(),
-            "scores": scores.tolist(), "probs": mean}
+            "scores": scores.tolist(), "corrupt_frames": video["corrupt"], "probs": mean}
 
 
 def compute_metrics(records: Sequence[dict], num_classes: int) -> dict:
@@ -323,22 +341,24 @@ def compute_metrics(records: Sequence[dict], num_classes: int) -> dict:
         top5 += r["label"] in r["top5"][:TOP]
     present = videos > 0
     n = int(videos.sum())
-    return {
-        "top1": 100 * float(right.sum()) / n if n else 0.0,
-        "top5": 100 * top5 / n if n else 0.0,
-        "mean_class_accuracy": float(np.mean(100 * right[present] / videos[present])) if n else 0.0,
+    return {  # None, not 0%, where no video was evaluated
+        "top1": 100 * float(right.sum()) / n if n else None,
+        "top5": 100 * top5 / n if n else None,
+        "mean_class_accuracy": float(np.mean(100 * right[present] / videos[present])) if n else None,
         "videos": n,
         "per_class": [{"index": int(c), "videos": int(videos[c]), "top1": 100 * float(right[c] / videos[c])}
                       for c in np.flatnonzero(present)],
     }
 
 
-def _finish(out: Path | None, identity: dict, dataset: Dataset, results: dict[int, dict], *, new_videos: int,
+def _finish(out: Path | None, identity: dict, dataset: Dataset, results: dict[int, dict], *, new_records: list[dict],
             wall: float, engine: str, world: int, batch_size: int, workers: int, save_scores: bool,
             log: Callable[[str], None]) -> dict:
     ordered = [results[i] for i in sorted(results)]
     done = [r for r in ordered if "error" not in r]
     failed = [r for r in ordered if "error" in r]
+    corrupt = [r for r in done if r.get("corrupt_frames")]
+    evaluated_now = sum("error" not in r for r in new_records)
     accuracy = compute_metrics(done, len(dataset.classes))
     for row in accuracy["per_class"]:
         row["name"] = dataset.classes[row["index"]]
@@ -349,10 +369,13 @@ def _finish(out: Path | None, identity: dict, dataset: Dataset, results: dict[in
         "views": identity["views"], "recipe": identity["recipe"],
         "data": identity["data"], "data_format": identity["data_format"], "data_sha256": identity["data_sha256"],
         "engine": engine, "processes": world, "batch_size": batch_size, "workers": workers,
-        "evaluated_now": new_videos, "wall_time_s": round(wall, 3),
-        "videos_per_s": round(new_videos / wall, 4) if wall > 0 else None, "x3dnet": __version__,
+        # Rates count the videos evaluated in this run: a failed video costs little and says nothing.
+        "evaluated_now": evaluated_now, "failed_now": len(new_records) - evaluated_now, "wall_time_s": round(wall, 3),
+        "videos_per_s": round(evaluated_now / wall, 4) if wall > 0 else None, "x3dnet": __version__,
+        "videos_with_corrupt_frames": len(corrupt),
         "per_class": per_class,
         "failed_videos": [{"video": r["video"], "label": r["label"], "error": r["error"]} for r in failed],
+        "corrupt_videos": [{"video": r["video"], "corrupt_frames": r["corrupt_frames"]} for r in corrupt],
     }
     if out is not None:
         write_results(out, dataset, done, metrics, save_scores=save_scores)
@@ -366,7 +389,10 @@ def _summary(m: dict, out: Path | None, log: Callable[[str], None]) -> None:
         log(f"  failed: {f['error']}")
     if m["failed"] > 10:
         log(f"  ... and {m['failed'] - 10} more (all in metrics.json)")
-    log(f"top-1 {m['top1']:.2f}%  top-5 {m['top5']:.2f}%  mean class accuracy {m['mean_class_accuracy']:.2f}%")
+    if m["videos_with_corrupt_frames"]:
+        log(f"  {m['videos_with_corrupt_frames']} of the evaluated videos had corrupt frames (listed in metrics.json)")
+    if m["videos"]:
+        log(f"top-1 {m['top1']:.2f}%  top-5 {m['top5']:.2f}%  mean class accuracy {m['mean_class_accuracy']:.2f}%")
     if m["evaluated_now"]:
         log(f"{m['evaluated_now']} videos in {m['wall_time_s']:.1f} s: {m['videos_per_s']:.2f} videos/s")
     if out is not None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -21,10 +20,11 @@ import torch
 
 from .datasets import Dataset
 from .errors import ConfigError
+from .paths import FolderLock, atomic_path, write_atomic
 
 LOG = "predictions.jsonl"
 # What a resumed run must share with the one it continues; batch size, workers, processes and engine may differ.
-IDENTITY = ("data_sha256", "data_format", "model", "weights_sha256", "classes_sha256", "recipe", "precision",
+IDENTITY = ("data_sha256", "data_format", "root", "model", "weights_sha256", "classes_sha256", "recipe", "precision",
             "save_scores")
 
 
@@ -45,11 +45,22 @@ def start_run(out: Path, identity: dict) -> None:
         write_atomic(out / "run.json", json.dumps(identity, indent=2) + "\n")
 
 
-def open_run(out: Path, identity: dict, *, resume: bool, dataset: Dataset) -> dict[int, dict]:
-    """Make ``out`` ready for a new run or, with ``resume``, read the videos an earlier one finished there."""
+def open_run(out: Path, identity: dict, *, resume: bool, dataset: Dataset) -> tuple[FolderLock, dict[int, dict]]:
+    """Lock ``out`` for this process and make it ready for a new run or, with ``resume``, read the videos
+    an earlier one finished there. The lock is held until it is released or the process ends: a second
+    process on the same folder is refused."""
     if out.exists() and not out.is_dir():
         raise ConfigError(f"{out}: exists and is not a folder")
     out.mkdir(parents=True, exist_ok=True)
+    lock = FolderLock(out)
+    try:
+        return lock, _read_run(out, identity, resume=resume, dataset=dataset)
+    except BaseException:
+        lock.release()
+        raise
+
+
+def _read_run(out: Path, identity: dict, *, resume: bool, dataset: Dataset) -> dict[int, dict]:
     run_file = out / "run.json"
     logs = sorted(out.glob("predictions*.jsonl"))
     if not run_file.exists():
@@ -62,6 +73,8 @@ def open_run(out: Path, identity: dict, *, resume: bool, dataset: Dataset) -> di
         earlier = json.loads(run_file.read_text())
     except (OSError, ValueError) as e:
         raise ConfigError(f"{run_file}: unreadable ({e})") from None
+    if not isinstance(earlier, dict):
+        raise ConfigError(f"{run_file}: corrupt: not the object a run writes; choose another --out")
     changed = [k for k in IDENTITY if earlier.get(k) != identity[k]]
     if changed:
         raise ConfigError(f"{out}: the run there differs in {', '.join(changed)}; resume it with the same "
@@ -72,8 +85,8 @@ def open_run(out: Path, identity: dict, *, resume: bool, dataset: Dataset) -> di
     done: dict[int, dict] = {}
     for log in logs:
         for record in read_log(log):
-            sample = dataset.samples[record["index"]] if 0 <= record.get("index", -1) < len(dataset) else None
-            if sample is None or sample.video != record.get("video"):
+            sample = dataset.samples[record["index"]] if 0 <= record["index"] < len(dataset) else None
+            if sample is None or sample.video != record["video"]:
                 raise ConfigError(f"{log}: a record that is not in {dataset.source}: {record.get('video')!r}")
             if "error" in record:  # videos that failed are tried again
                 continue
@@ -86,14 +99,15 @@ def open_run(out: Path, identity: dict, *, resume: bool, dataset: Dataset) -> di
 
 
 def read_log(path: Path) -> list[dict]:
-    """The records of one log; a last line cut short by a crash is dropped from the file."""
+    """The records of one log; a last line cut short by a crash is dropped from the file. A line that
+    is not a record this code writes (valid JSON of another shape included) is reported as corrupt."""
     raw = path.read_bytes()
     records, offset = [], 0
     for number, line in enumerate(raw.splitlines(keepends=True), 1):
         try:
             if not line.endswith(b"\n"):
                 raise ValueError("cut short")
-            records.append(json.loads(line))
+            records.append(_record(json.loads(line)))
         except ValueError:
             if offset + len(line) < len(raw):
                 raise ConfigError(f"{path}:{number}: corrupt record; remove that line to resume") from None
@@ -104,18 +118,34 @@ def read_log(path: Path) -> list[dict]:
     return records
 
 
+def _record(obj: object) -> dict:
+    """``obj`` if it has the shape of a log record (see ``log_line``), else ``ValueError``."""
+    def ints(v: object) -> bool:
+        return isinstance(v, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in v)
+
+    ok = (isinstance(obj, dict) and isinstance(obj.get("index"), int) and not isinstance(obj["index"], bool)
+          and isinstance(obj.get("video"), str) and isinstance(obj.get("label"), int))
+    if ok and "error" in obj:
+        ok = isinstance(obj["error"], str)
+    elif ok:
+        ok = (ints(obj.get("top5")) and isinstance(obj.get("scores"), list)
+              and all(isinstance(v, (int, float)) for v in obj["scores"])
+              and isinstance(obj.get("probs", ""), str) and isinstance(obj.get("corrupt_frames", 0), int))
+    if not ok:
+        raise ValueError("not a record")
+    return obj
+
+
 def write_results(out: Path, dataset: Dataset, done: Sequence[dict], metrics: dict, *, save_scores: bool) -> None:
     """The final files, each written whole under a temporary name and then renamed."""
-    lines = [{k: r[k] for k in ("video", "label", "top5", "scores", "index")} for r in done]
+    lines = [{k: r[k] for k in ("video", "label", "top5", "scores", "index", "corrupt_frames") if k in r} for r in done]
     write_atomic(out / LOG, "".join(json.dumps(line) + "\n" for line in lines))
     if save_scores:
         matrix = np.full((len(dataset), len(dataset.classes)), np.nan, np.float32)
         for r in done:
             matrix[r["index"]] = _probs(r)
-        tmp = out / ".scores.npy.part"
-        with open(tmp, "wb") as f:
+        with atomic_path(out / "scores.npy") as tmp, open(tmp, "wb") as f:
             np.save(f, matrix)
-        os.replace(tmp, out / "scores.npy")
     write_atomic(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     for part in out.glob("predictions.rank*.jsonl"):  # merged into predictions.jsonl above
         part.unlink()
@@ -128,7 +158,3 @@ def _probs(record: dict) -> np.ndarray:
     return probs.numpy()
 
 
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.part")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import os
 import random
+import shutil
 import string
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -18,6 +19,8 @@ from pathlib import Path
 
 import av
 import numpy as np
+
+from .errors import ConfigError
 
 PATTERNS = ("moving east", "moving north-east", "moving north", "moving north-west", "moving west",
             "moving south-west", "moving south", "moving south-east", "blinking", "still")
@@ -44,6 +47,7 @@ def make_dataset(
     size: tuple[int, int] = (128, 96),
     grain: float = 0.0,
     seed: int = 0,
+    force: bool = False,
 ) -> SyntheticDataset:
     """Write ``videos_per_class`` clips for each class index in ``used`` (default: all of ``classes``).
 
@@ -51,10 +55,14 @@ def make_dataset(
     ``i`` gets motion pattern ``i % 10``. Listing only some of them in ``used`` makes a dataset where
     labels must map through the class list, not through the classes present. ``size`` is (width, height);
     ``grain`` adds fresh noise of that standard deviation to every frame, which brings the bitrate (and the
-    cost of decoding) up to that of camera footage.
+    cost of decoding) up to that of camera footage. A folder that holds files already is refused unless
+    ``force``: then its ``videos`` folder (an earlier dataset) is replaced.
     """
     root = Path(root)
     videos = root / "videos"
+    _check(root, seconds=seconds, fps=fps, size=size, videos_per_class=videos_per_class, force=force)
+    if force and videos.is_dir():
+        shutil.rmtree(videos)  # the videos of an earlier run would join this one's folder format
     rng = random.Random(seed)
     used = list(range(len(classes))) if used is None else list(used)
     lines, rows, labels = [], [], []
@@ -78,6 +86,27 @@ def make_dataset(
     paths.slowfast.write_text("\n".join(lines) + "\n")
     paths.kinetics_csv.write_text("label,youtube_id,time_start,time_end,split\n" + "\n".join(rows) + "\n")
     return paths
+
+
+def _check(root: Path, *, seconds: float, fps: int, size: tuple[int, int], videos_per_class: int,
+           force: bool) -> None:
+    if root.exists() and not root.is_dir():
+        raise ConfigError(f"{root}: exists and is not a folder")
+    if root.is_dir() and any(root.iterdir()) and not force:
+        raise ConfigError(f"{root}: is not empty (an earlier dataset's videos would be listed with the new ones); "
+                          "choose an empty folder, or add --force to replace the videos there")
+    if not (math.isfinite(seconds) and 0 < seconds <= 3600):
+        raise ConfigError(f"seconds: must be a number above 0 up to 3600, not {seconds}")
+    if not 1 <= fps <= 240:
+        raise ConfigError(f"fps: must be from 1 to 240, not {fps}")
+    if round(seconds * fps) < 1:
+        raise ConfigError(f"{seconds} s at {fps} fps is less than one frame")
+    if not 1 <= videos_per_class <= 10_000:
+        raise ConfigError(f"videos per class: must be from 1 to 10000, not {videos_per_class}")
+    width, height = size
+    # H.264 in 4:2:0 needs even sizes; below 16 pixels the pattern (a square a quarter of the side) vanishes.
+    if not all(16 <= v <= 4096 and v % 2 == 0 for v in size):
+        raise ConfigError(f"size: width and height must be even numbers from 16 to 4096, not {width}x{height}")
 
 
 def _write_clip(path: Path, pattern: int, *, seconds: float, fps: int, size: tuple[int, int], grain: float,

@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import http.client
 import os
-import tempfile
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ from tqdm import tqdm
 from .checkpoint import load_checkpoint, load_weights
 from .errors import CheckpointError, ConfigError, DownloadError
 from .model import X3D, get_config
+from .paths import atomic_path, describe_os_error
 from .recipe import RECIPES, Recipe
 
 
@@ -146,11 +146,13 @@ def download_weights(record: WeightsRecord | str, *, force: bool = False, progre
     dest = cached_path(record)
     if dest.exists() and not force:
         return dest
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
-    tmp = Path(tmp_name)
     try:
-        with os.fdopen(fd, "wb") as out:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"the weights cache {dest.parent} (X3DNET_HOME) cannot be made: "
+                          f"{describe_os_error(e)}") from None
+    with atomic_path(dest) as tmp:  # renamed into the cache only once it loads strictly into its model
+        with open(tmp, "wb") as out:
             digest = _fetch(record, out, progress=progress)
         if record.sha256 is not None and not digest.startswith(record.sha256):
             raise DownloadError(f"{record.name}: downloaded file has sha256 {digest[:16]}..., expected {record.sha256}")
@@ -158,9 +160,6 @@ def download_weights(record: WeightsRecord | str, *, force: bool = False, progre
             load_weights(X3D(get_config(record.model)), load_checkpoint(tmp))
         except CheckpointError as e:
             raise DownloadError(f"{record.name}: the file from {record.url} is not {record.model}: {e}") from None
-        os.replace(tmp, dest)
-    finally:
-        tmp.unlink(missing_ok=True)
     return dest
 
 
