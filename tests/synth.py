@@ -7,6 +7,7 @@ back from its mean colour.
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Sequence
 from fractions import Fraction
 from pathlib import Path
@@ -67,3 +68,44 @@ def decoded_pts(path: Path) -> list[int]:
     """The pts of every frame, decoding the whole file: the reference the tests compare with."""
     with av.open(str(path)) as c:
         return [f.pts for f in c.decode(video=0)]
+
+
+def rotate_mp4(source: Path, path: Path) -> Path:
+    """A copy of ``source`` (an MP4 written by ``write_video``) whose track header says: turn the frames a
+    quarter clockwise to show them (a display matrix of -90 degrees, as a phone held upright writes)."""
+    data = bytearray(source.read_bytes())
+    box = data.index(b"tkhd")
+    matrix = box + 4 + (40 if data[box + 4] == 0 else 52)  # after version/flags, times, track id, volume...
+    data[matrix:matrix + 36] = struct.pack(">9i", 0, 0x10000, 0, -0x10000, 0, 0, 0, 0, 0x40000000)
+    path.write_bytes(bytes(data))
+    return path
+
+
+def size_change_video(path: Path, sizes: Sequence[tuple[int, int]], frames: int = 30) -> Path:
+    """A Matroska file whose H.264 stream changes frame size: ``frames`` frames at each (width, height) in turn,
+    as a broadcast recording can. The pieces are raw H.264 streams joined, then given timestamps."""
+    raw = b""
+    for k, (width, height) in enumerate(sizes):
+        piece = write_video(path.with_name(f".{path.name}.{k}.h264"), frames, width=width, height=height,
+                            options={"bframes": "0"})
+        raw += piece.read_bytes()
+        piece.unlink()
+    joined = path.with_name(f".{path.name}.h264")
+    joined.write_bytes(raw)
+    with av.open(str(joined)) as source, av.open(str(path), "w", format="matroska") as out:
+        stream = out.add_stream_from_template(source.streams.video[0])
+        for i, packet in enumerate(p for p in source.demux(video=0) if p.size):
+            packet.pts = packet.dts = i
+            packet.time_base, packet.stream = Fraction(1, 30), stream
+            out.mux(packet)
+    joined.unlink()
+    return path
+
+
+def damage(source: Path, path: Path, *, seed: int = 1) -> Path:
+    """A copy of ``source`` with 2000 random bytes written over the middle of the file."""
+    data = bytearray(source.read_bytes())
+    middle = len(data) // 2
+    data[middle:middle + 2000] = np.random.default_rng(seed).integers(0, 256, 2000, dtype=np.uint8).tobytes()
+    path.write_bytes(bytes(data))
+    return path

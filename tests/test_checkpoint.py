@@ -1,11 +1,18 @@
 """Loading every layout through the production path, against the original's outputs; errors."""
 
+import dataclasses
+import json
 import pickle
+import re
 import zipfile
 
 import pytest
+import safetensors
+import safetensors.torch
 import torch
+import yaml
 from conftest import LAYOUT_FILES, checkpoint_path, reference_io, tiny_config
+from test_cli import assert_one_line_error, x3dnet
 
 from x3dnet import (
     VARIANTS,
@@ -245,6 +252,102 @@ def test_convert_refuses_an_incomplete_source_before_writing(tmp_path):
         convert_checkpoint(tmp_path / "holed.pyth", tmp_path / "out.pyth", to="pytorchvideo")
     del obj["model_state"]["head.lin_5.weight"]
     torch.save(obj, tmp_path / "headless.pyth")
-    with pytest.raises(CheckpointError, match="incomplete X3D checkpoint"):
-        convert_checkpoint(tmp_path / "headless.pyth", tmp_path / "out.pyth")
+    with pytest.raises(CheckpointError, match=r"headless\.pyth: an incomplete X3D \(without head\.lin_5\.weight\)"):
+        convert_checkpoint(tmp_path / "headless.pyth", tmp_path / "out.safetensors")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["headless.pyth", "holed.pyth"]
+
+
+def _native_with(tmp_path, config=None, recipe=None, tensors=None):
+    """tiny_a in x3dnet's format with its metadata (JSON text) or tensors replaced."""
+    model = X3D(tiny_config("tiny_a"))
+    load_weights(model, checkpoint_path("tiny_a", "slowfast"))
+    path = save_checkpoint(model, tmp_path / "m.safetensors", recipe=Recipe(4, 12, 64, 72, 80))
+    metadata = safetensors.safe_open(str(path), "pt").metadata()
+    if config is not None:
+        metadata["x3dnet.config"] = config
+    if recipe is not None:
+        metadata["x3dnet.recipe"] = recipe
+    state = safetensors.torch.load_file(path)
+    state.update(tensors or {})
+    safetensors.torch.save_file(state, path, metadata=metadata)
+    return path
+
+
+def _slowfast_with(tmp_path, cfg: str):
+    obj = torch.load(checkpoint_path("tiny_a", "slowfast"), weights_only=True)
+    obj["cfg"] = cfg
+    torch.save(obj, tmp_path / "m.pyth")
+    return tmp_path / "m.pyth"
+
+
+def _config_json(**changes):
+    fields = dataclasses.asdict(tiny_config("tiny_a"))
+    fields.update(changes)
+    return json.dumps(fields)
+
+
+_SF_DATA = {"NUM_FRAMES": 4, "TRAIN_CROP_SIZE": 64, "SAMPLING_RATE": 12, "TRAIN_JITTER_SCALES": [72, 90],
+            "TEST_CROP_SIZE": 80}
+
+
+def _cfg(**changes):
+    return yaml.safe_dump({"DATA": {**_SF_DATA, **changes}})
+
+
+# Every field a file can set, wrong in each way a file can be wrong: one line naming the field, before the
+# value sizes anything (a 100,000-frame clip took 22 GB before the OOM killer stepped in).
+BAD_METADATA = {
+    "config a list": (lambda t: _native_with(t, config="[1, 2]"), "x3dnet.config metadata (must be an object"),
+    "config null": (lambda t: _native_with(t, config="null"), "must be an object of fields, not NoneType"),
+    "config a string": (lambda t: _native_with(t, config='"x3d_m"'), "must be an object of fields, not str"),
+    "frames 0": (lambda t: _native_with(t, config=_config_json(frames=0)), "frames: must be an integer from 1"),
+    "crop -5": (lambda t: _native_with(t, config=_config_json(train_crop=-5)), "train_crop: must be an integer"),
+    "frames four": (lambda t: _native_with(t, config=_config_json(frames="four")), "frames: must be an integer"),
+    "dropout 5": (lambda t: _native_with(t, config=_config_json(dropout=5)), "dropout: must be a number from 0 to 1"),
+    "classes 3 vs 10": (lambda t: _native_with(t, config=_config_json(num_classes=3)),
+                        "its metadata says num_classes=3, but its tensors have 10"),
+    "widths vs tensors": (lambda t: _native_with(t, config=_config_json(head_width=4096)),
+                          "its metadata says head_width=4096, but its tensors have"),
+    "target_fps 0": (lambda t: _native_with(t, recipe=json.dumps({**Recipe(4, 12, 64, 72, 80).to_dict(),
+                                                                  "target_fps": 0})), "target_fps: must be a number"),
+    "std 0": (lambda t: _native_with(t, recipe=json.dumps({**Recipe(4, 12, 64, 72, 80).to_dict(), "std": [0, 0, 0]})),
+              "std[0]: must be a number from 0.001"),
+    "recipe deep": (lambda t: _native_with(t, recipe="[" * 50_000 + "]" * 50_000), "x3dnet.recipe metadata"),
+    "cfg NUM_FRAMES 100000": (lambda t: _slowfast_with(t, _cfg(NUM_FRAMES=100000)),
+                              "cfg DATA.NUM_FRAMES: must be an integer from 1 to 256, not 100000"),
+    "cfg STD 0": (lambda t: _slowfast_with(t, _cfg(STD=[0.0, 0.0, 0.0])), "cfg DATA.STD[0]: must be a number"),
+    "cfg MEAN nan": (lambda t: _slowfast_with(t, _cfg(MEAN=[float("nan")] * 3)), "cfg DATA.MEAN[0]: must be a number"),
+    "cfg crop a string": (lambda t: _slowfast_with(t, _cfg(TEST_CROP_SIZE="big")), "cfg DATA.TEST_CROP_SIZE: must be"),
+    "cfg fps 0": (lambda t: _slowfast_with(t, _cfg(TARGET_FPS=0)), "cfg DATA.TARGET_FPS: must be a number above 0"),
+    "cfg nested 50,000 deep": (lambda t: _slowfast_with(t, "a: " + "[" * 50_000 + "]" * 50_000),
+                               "cfg: nested too deeply"),
+    "cfg of 50 MB": (lambda t: _slowfast_with(t, "# " + "x" * 50_000_000), "characters, far more than a SlowFast"),
+    "NaN weights": (lambda t: _native_with(t, tensors={"fc1.weight": torch.full((32, 64), float("nan"))}),
+                    "the weights are not finite: 1 tensor holds NaN or Inf (fc1.weight)"),
+    "Inf weights, SlowFast names": (lambda t: _poison(_slowfast_with(t, _cfg())),
+                                    "the weights are not finite: 1 tensor holds NaN or Inf (head.lin_5.weight)"),
+}
+
+
+def _poison(path):
+    obj = torch.load(path, weights_only=True)
+    obj["model_state"]["head.lin_5.weight"][0, 0] = float("inf")
+    torch.save(obj, path)
+    return path
+
+
+@pytest.mark.parametrize("case", list(BAD_METADATA))
+def test_what_a_file_says_is_validated_before_it_sizes_anything(tmp_path, case):
+    make, message = BAD_METADATA[case]
+    path = make(tmp_path)
+    with pytest.raises(CheckpointError, match=re.escape(message)):
+        load_checkpoint(path)
+
+
+@pytest.mark.parametrize("verb", ["inspect", "predict", "convert"])
+@pytest.mark.parametrize("case", ["config null", "frames four", "cfg NUM_FRAMES 100000", "NaN weights"])
+def test_bad_metadata_is_one_line_in_every_verb(tmp_path, verb, case):
+    path = BAD_METADATA[case][0](tmp_path)
+    args = {"inspect": ["inspect", path], "predict": ["predict", tmp_path / "none.mp4", "--weights", path],
+            "convert": ["convert", path, tmp_path / "out.safetensors", "--model", "x3d_xs"]}[verb]
+    assert_one_line_error(x3dnet(*args), f"{path}: ")

@@ -56,9 +56,9 @@ def test_inspect_and_convert(tmp_path):
 
 @pytest.mark.parametrize("args,message", [
     (["inspect", "missing.pyth"], "missing.pyth: no such file"),
-    (["convert", "{tmp}/notes.pyth", "{tmp}/out.pyth"], "notes.pyth: not a checkpoint"),
+    (["convert", "{tmp}/notes.pyth", "{tmp}/out.safetensors"], "notes.pyth: not a checkpoint"),
     (["convert", "{tiny_ptv}", "{tmp}/x.safetensors"], "name it (--model)"),
-    (["convert", "{tiny_sf}", "{tmp}/x.pyth", "--model", "x3d_q"], "unknown model 'x3d_q'"),
+    (["convert", "{tiny_sf}", "{tmp}/x.safetensors", "--model", "x3d_q"], "unknown model 'x3d_q'"),
     (["weights", "download", "x3d_q"], "x3d_q: no published weights of that name"),
 ])
 def test_bad_input_is_one_line(args, message, tmp_path):

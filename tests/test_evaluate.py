@@ -7,6 +7,7 @@ import base64
 import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import checkpoint_path, tiny_config
+from synth import damage, size_change_video, write_video
 from test_cli import assert_one_line_error, x3dnet
 from test_predict import TINY_RECIPE
 
@@ -23,6 +25,7 @@ from x3dnet import X3D, load_weights, save_checkpoint
 from x3dnet.backends import create_engine
 from x3dnet.errors import X3DNetError
 from x3dnet.evaluate import compute_metrics, evaluate
+from x3dnet.paths import FolderLock
 from x3dnet.predict import predict_video
 from x3dnet.synthetic import PATTERNS, make_dataset
 from x3dnet.views import view_recipe
@@ -142,7 +145,7 @@ def test_missing_and_broken_videos_are_counted_and_listed(setup, tmp_path):
     (data.videos / "gone.mp4").write_bytes((data.videos / data.slowfast.read_text().split()[0]).read_bytes())
     again = run(setup, tmp_path / "run", data=listing, root=data.videos, resume=True)
     (data.videos / "gone.mp4").unlink()
-    assert (again["videos"], again["failed"], again["evaluated_now"]) == (19, 1, 2)
+    assert (again["videos"], again["failed"], again["evaluated_now"], again["failed_now"]) == (19, 1, 1, 1)
     assert [f["video"] for f in again["failed_videos"]] == ["broken.mp4"]
     after = lines(tmp_path / "run" / "predictions.jsonl")
     assert after[:18] == before and after[18]["video"] == "gone.mp4" and after[18]["top5"] == before[0]["top5"]
@@ -275,7 +278,7 @@ def test_bad_input_is_one_line(setup, tmp_path):
     assert_one_line_error(x3dnet("evaluate", "--data", data.slowfast, *base[:4], "--out", tmp_path / "file"),
                           "file: exists and is not a folder")
     result = x3dnet("evaluate", "--data", data.slowfast, *base[:4], "--workers", "-1")
-    assert result.returncode == 2 and "expected a positive integer" in result.stderr
+    assert result.returncode == 2 and "expected 0 or a positive integer, not '-1'" in result.stderr
 
 
 def test_synthesize_writes_every_list_format(tmp_path):
@@ -311,3 +314,112 @@ def test_patterns_are_motion(setup):
             angle = (np.degrees(np.arctan2(-dy, dx)) + 360) % 360
             expected = 45 * int(label)
             assert min(abs(angle - expected), 360 - abs(angle - expected)) < 30, (pattern, angle)
+
+
+def test_a_run_folder_belongs_to_one_process(setup, tmp_path):
+    # Two evaluations on one --out mixed their records; run.json described one and the metrics the other.
+    _, weights, data = setup
+    out = tmp_path / "run"
+    out.mkdir()
+    lock = FolderLock(out)  # what a running evaluation holds
+    try:
+        result = x3dnet("evaluate", "--data", data.slowfast, "--classes", data.classes, "--weights", weights,
+                        "--views", "1", "--backend", "torch", "--out", out, "--no-progress")
+        assert_one_line_error(result, f"{out}: another x3dnet process (pid {os.getpid()}) is using this run folder")
+        assert sorted(p.name for p in out.iterdir()) == [".lock"]
+    finally:
+        lock.release()
+    run(setup, out, views=1)  # released (as when the process ends, or is killed): the folder is usable
+    assert (out / "metrics.json").exists()
+
+
+@pytest.mark.parametrize("line", ['[1, 2]', '{"index": "2", "video": "a.mp4", "label": 1, "top5": [1]}',
+                                  '{"index": 2, "video": "a.mp4", "label": 1}', '"text"', 'null'])
+def test_a_log_line_of_the_wrong_shape_is_a_corrupt_record(setup, tmp_path, line):
+    out = tmp_path / "run"
+    run(setup, out, views=1)
+    text = (out / "predictions.jsonl").read_text().splitlines()
+    text[2] = line
+    (out / "predictions.jsonl").write_text("\n".join(text) + "\n")
+    with pytest.raises(X3DNetError, match=rf"{out / 'predictions.jsonl'}:3: corrupt record; remove that line"):
+        run(setup, out, views=1, resume=True)
+
+
+def test_a_run_json_of_the_wrong_shape_is_named(setup, tmp_path):
+    out = tmp_path / "run"
+    run(setup, out, views=1)
+    (out / "run.json").write_text("[]\n")
+    with pytest.raises(X3DNetError, match=rf"{out / 'run.json'}: corrupt"):
+        run(setup, out, views=1, resume=True)
+
+
+def test_no_video_evaluated_is_a_failure(setup, tmp_path):
+    _, weights, data = setup
+    listing = tmp_path / "gone.txt"
+    listing.write_text("a.mp4 1\nb.mp4 3\n")
+    result = x3dnet("evaluate", "--data", listing, "--classes", data.classes, "--weights", weights, "--views", "1",
+                    "--backend", "torch", "--out", tmp_path / "run", "--no-progress", "--workers", "0")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"x3dnet: error: no video could be evaluated: all 2 failed (their reasons are in {tmp_path / 'run'}"
+        "/metrics.json)")
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert (metrics["videos"], metrics["failed"], metrics["top1"], metrics["videos_per_s"]) == (0, 2, None, 0.0)
+
+
+def test_resuming_with_another_root_is_refused(setup, tmp_path):
+    _, weights, data = setup
+    run(setup, tmp_path / "run", views=1, root=data.videos)
+    copy = tmp_path / "copy"
+    shutil.copytree(data.videos, copy)
+    with pytest.raises(X3DNetError, match="the run there differs in root"):
+        run(setup, tmp_path / "run", views=1, root=copy, resume=True)
+    run(setup, tmp_path / "run", views=1, root=data.videos / "." , resume=True)  # the same folder, spelt otherwise
+
+
+def test_one_file_listed_under_two_spellings_is_a_duplicate(setup, tmp_path):
+    _, _, data = setup
+    first = data.slowfast.read_text().split()[0]
+    listing = tmp_path / "twice.txt"
+    folder, name = first.split("/")
+    listing.write_text(f"{first} 1\n{folder}/../{folder}/{name} 1\n")
+    with pytest.raises(X3DNetError, match=rf"twice.txt:2: {folder}/../{folder}/{name} is listed twice \(as {first}\)"):
+        run(setup, tmp_path / "run", data=listing, root=data.videos)
+
+
+def test_corrupt_frames_are_counted(setup, tmp_path):
+    _, _, data = setup
+    clean = write_video(tmp_path / "noisy.mp4", 90, width=96, height=72, noise=True)
+    damage(clean, tmp_path / "damaged.mp4")
+    listing = tmp_path / "list.txt"
+    listing.write_text("noisy.mp4 1\ndamaged.mp4 1\n")
+    metrics = run(setup, tmp_path / "run", data=listing, views=1)
+    assert metrics["videos_with_corrupt_frames"] == 1
+    assert [v["video"] for v in metrics["corrupt_videos"]] == ["damaged.mp4"]
+    saved = {p["video"]: p["corrupt_frames"] for p in lines(tmp_path / "run" / "predictions.jsonl")}
+    assert saved["noisy.mp4"] == 0 and saved["damaged.mp4"] >= 1
+
+
+def test_a_video_whose_frame_size_changes_fails_alone(setup, tmp_path):
+    _, _, data = setup
+    size_change_video(tmp_path / "change.mkv", [(128, 48), (64, 48)])
+    first = data.slowfast.read_text().split()[0]
+    shutil.copy(data.videos / first, tmp_path / "ok.mp4")
+    listing = tmp_path / "list.txt"
+    listing.write_text("change.mkv 1\nok.mp4 1\n")
+    metrics = run(setup, tmp_path / "run", data=listing, views=1, workers=1)
+    assert (metrics["videos"], metrics["failed"]) == (1, 1)
+    assert "the frame size changes within the video" in metrics["failed_videos"][0]["error"]
+
+
+def test_a_fifo_in_a_list_fails_alone_without_a_hang(setup, tmp_path):
+    _, weights, data = setup
+    os.mkfifo(tmp_path / "pipe.mp4")
+    shutil.copy(data.videos / data.slowfast.read_text().split()[0], tmp_path / "ok.mp4")
+    listing = tmp_path / "list.txt"
+    listing.write_text("pipe.mp4 1\nok.mp4 1\n")
+    result = subprocess.run([sys.executable, "-m", "x3dnet", "evaluate", "--data", listing, "--classes", data.classes,
+                             "--weights", weights, "--views", "1", "--backend", "torch", "--out", tmp_path / "run",
+                             "--no-progress"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "pipe.mp4: is a FIFO (named pipe), not a video file" in result.stderr

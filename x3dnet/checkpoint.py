@@ -88,8 +88,9 @@ def load_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
     state_dict = layouts.to_native({k[len(prefix) :]: v for k, v in state_dict.items()}, layout)
     broken = [foreign_name(k, layout) for k, v in state_dict.items() if v.is_floating_point() and not v.isfinite().all()]
     if broken:
-        raise CheckpointError(f"{path}: the weights are not finite: {len(broken)} tensor{'s' * (len(broken) > 1)} "
-                              f"hold NaN or Inf ({name_list(broken, 4)})")
+        many = len(broken) > 1
+        raise CheckpointError(f"{path}: the weights are not finite: {len(broken)} tensor{'s hold' if many else ' holds'} "
+                              f"NaN or Inf ({name_list(broken, 4)})")
     architecture = _architecture(state_dict)
     recorded, recipe = _recorded_clip(metadata, extra, path)
     if isinstance(recorded, X3DConfig):
@@ -235,7 +236,7 @@ def _probe(ckpt: Checkpoint) -> Tensor:
     makes this independent of the head window, so no training clip is needed, and 4 x 64 x 64 is
     enough input to go through every layer."""
     if ckpt.architecture is None:
-        raise CheckpointError(f"{ckpt.path}: incomplete X3D checkpoint: its stem, first blocks or head are missing")
+        raise CheckpointError(f"{ckpt.path}: {ckpt.describe()}: cannot tell its architecture")
     name = ckpt.config.name if ckpt.config else "x3d"
     config = X3DConfig(name, frames=1, train_crop=32, num_classes=ckpt.num_classes or 400, head_pooling="global",
                        **ckpt.architecture)
