@@ -75,7 +75,10 @@ class Checkpoint:
 
 def load_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
     """Read an X3D checkpoint in any supported layout; see the module docstring."""
-    path = Path(path)
+    try:
+        path = input_file(path, "checkpoint")  # a FIFO would make torch.load wait forever
+    except PathError as e:
+        raise CheckpointError(str(e)) from None
     obj, metadata = _read(path)
     state_dict, extra = _unwrap(obj, path)
     found = layouts.detect_layout(state_dict)
@@ -248,10 +251,6 @@ def _probe(ckpt: Checkpoint) -> Tensor:
 
 
 def _read(path: Path) -> tuple[object, dict[str, str]]:
-    try:
-        input_file(path, "checkpoint")  # a FIFO would make torch.load wait forever
-    except PathError as e:
-        raise CheckpointError(str(e)) from None
     with open(path, "rb") as f:
         head = f.read(16)
     if head.startswith(b"PK\x03\x04"):  # torch.save's zip container

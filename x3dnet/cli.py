@@ -132,6 +132,8 @@ def predict_videos(args: argparse.Namespace) -> int:
 
 def evaluate_list(args: argparse.Namespace) -> None:
     out = args.out
+    if out == "":
+        raise X3DNetError("an empty string was given as --out")
     if out is None:
         model = args.model or (Path(args.weights).stem if args.weights else "x3d_m")
         out = Path("x3dnet-runs") / f"{Path(args.data.rstrip('/')).stem}-{model}-{args.placement}-{args.views}v"
@@ -280,7 +282,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--resize", choices=RESIZE_MODES, help="short-side resize (default: the placement's own)")
     p.add_argument("--batch-size", type=_positive, default=8, help="views per forward pass, across videos (default 8)")
     p.add_argument("--workers", type=_non_negative, default=2, help="decoding processes (default 2; 0: decode inline)")
-    p.add_argument("--out", type=Path, help="results folder (default x3dnet-runs/<list>-<model>-<placement>-<views>v)")
+    p.add_argument("--out", help="results folder (default x3dnet-runs/<list>-<model>-<placement>-<views>v)")
     p.add_argument("--resume", action="store_true", help="continue the run saved in --out")
     p.add_argument("--save-scores", action="store_true", help="also write scores.npy: every class's mean probability")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")

@@ -88,6 +88,8 @@ def read_dataset(
     ``<youtube_id>_<start:06d>_<end:06d>.<ext>``, found anywhere under ``root``), or a folder holding one
     folder per class. Relative paths resolve against ``root`` (default: the list's folder).
     """
+    if os.fspath(data) == "":
+        raise DatasetError("an empty string was given as the list")
     source = Path(data)
     index = ClassIndex(classes)
     if source.is_dir():

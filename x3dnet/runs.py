@@ -20,7 +20,7 @@ import torch
 
 from .datasets import Dataset
 from .errors import ConfigError
-from .paths import FolderLock, atomic_path, write_atomic
+from .paths import FolderLock, atomic_path, os_error_line, write_atomic
 
 LOG = "predictions.jsonl"
 # What a resumed run must share with the one it continues; batch size, workers, processes and engine may differ.
@@ -51,8 +51,11 @@ def open_run(out: Path, identity: dict, *, resume: bool, dataset: Dataset) -> tu
     process on the same folder is refused."""
     if out.exists() and not out.is_dir():
         raise ConfigError(f"{out}: exists and is not a folder")
-    out.mkdir(parents=True, exist_ok=True)
-    lock = FolderLock(out)
+    try:  # as an X3DNetError, which every rank of a torchrun hears about, not an OSError on rank 0 alone
+        out.mkdir(parents=True, exist_ok=True)
+        lock = FolderLock(out)
+    except OSError as e:
+        raise ConfigError(f"{out}: cannot be used as the run folder: {os_error_line(e)}") from None
     try:
         return lock, _read_run(out, identity, resume=resume, dataset=dataset)
     except BaseException:

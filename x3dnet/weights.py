@@ -130,6 +130,8 @@ def cached_path(record: WeightsRecord) -> Path:
 def resolve_weights(weights: str | os.PathLike[str]) -> Path:
     """A path to a checkpoint: an existing file as it is, or a published record's cached file
     (downloaded when missing)."""
+    if os.fspath(weights) == "":
+        raise CheckpointError("an empty string was given as the weights")
     path = Path(weights)
     if path.exists():
         return path
