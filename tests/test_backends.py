@@ -227,3 +227,20 @@ def test_profile_rows(tmp_path, monkeypatch, capsys, cpu):
         assert r["clips_per_s"] > 0 and r["clips_per_s_std"] >= 0 and r["peak_mem_mb"] > 0
         assert r["latency_ms"] == pytest.approx(1000 / r["clips_per_s"], rel=0.5)
     assert plot.stat().st_size > 10_000
+
+
+def test_an_export_that_fails_its_check_leaves_nothing(tiny_a, tmp_path):
+    broken = X3D(tiny_a.config).eval()
+    broken.load_state_dict(tiny_a.state_dict())
+    with torch.no_grad():
+        broken.fc2.bias[3] += 0.05  # what the written graph computes differs from the model it is checked against
+    import x3dnet.backends as backends
+
+    real = backends.export_onnx
+    with pytest.MonkeyPatch.context() as patch:  # the graph is exported from the broken copy, checked against tiny_a
+        patch.setattr(backends, "export_onnx", lambda model, path, **kw: real(broken, path, **kw))
+        with pytest.raises(BackendError, match="disagrees with eager PyTorch"):
+            backends.export_model(tiny_a, tmp_path / "x.onnx", format="onnx", input_shape=(4, 64, 64))
+    assert list(tmp_path.iterdir()) == []
+    path, diff = backends.export_model(tiny_a, tmp_path / "x.onnx", format="onnx", input_shape=(4, 64, 64))
+    assert path == tmp_path / "x.onnx" and diff <= 1e-4 and [p.name for p in tmp_path.iterdir()] == ["x.onnx"]

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import checkpoint_path, tiny_config
-from synth import MEAN, STD, write_video
+from synth import MEAN, STD, damage, size_change_video, write_video
 from test_cli import x3dnet
 from test_views import reference_pts
 
@@ -165,3 +165,24 @@ def test_bad_flags_and_weights(tiny, clip_video, tmp_path):
     assert result.returncode == 2 and "invalid choice" in result.stderr
     result = x3dnet("predict", clip_video, "--weights", weights, "--top", 0)
     assert result.returncode == 2 and "positive integer" in result.stderr
+
+
+def test_damaged_changing_and_still_inputs(tiny, clip_video, tmp_path):
+    # One run over every kind: each gets its line, the good video is still predicted, and nothing is silent.
+    _, weights = tiny
+    damaged = damage(clip_video, tmp_path / "damaged.mp4")
+    change = size_change_video(tmp_path / "change.mkv", [(128, 48), (64, 48)])
+    still = write_video(tmp_path / "still.mp4", 1, width=96, height=72)
+    result = x3dnet("predict", clip_video, damaged, change, still, "--weights", weights, "--json", "--views", 10)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    err = result.stderr.splitlines()
+    assert err[0].startswith(f"x3dnet: warning: {damaged}: ") and "corrupt frame" in err[0]
+    assert err[1].startswith(f"x3dnet: error: {change}: the frame size changes within the video")
+    assert err[2].startswith(f"x3dnet: error: {still}: a still image (or a video of one frame), not a video; "
+                             "predict --stills takes it")
+    assert len(err) == 3
+    out = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [(o["video"], o["corrupt_frames"] > 0) for o in out] == [(str(clip_video), False), (str(damaged), True)]
+    stills = x3dnet("predict", still, "--weights", weights, "--json", "--views", 10, "--stills")
+    assert stills.returncode == 0, stills.stderr
+    assert json.loads(stills.stdout)["video"] == str(still)

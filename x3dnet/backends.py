@@ -367,10 +367,17 @@ def export_model(model: X3D, path: str | os.PathLike[str], *, format: str,
     if not installed(runner):
         raise BackendError(f"{format} export is checked with {runner}, which is not installed "
                            "(pip install 'x3dnet[fast]')")
+    final = Path(path).with_suffix(".xml") if format == "openvino" else Path(path)
+    writer = export_openvino if format == "openvino" else export_onnx
     try:
-        writer = export_openvino if format == "openvino" else export_onnx
-        written = writer(model, path, input_shape=shape, banded=banded)
+        # Written and checked in a folder of its own beside the target: a graph that fails its check
+        # (or a write cut short) never takes the target's name.
+        with tempfile.TemporaryDirectory(dir=final.parent, prefix=f".{final.name}.") as tmp:
+            written = writer(model, Path(tmp) / final.name, input_shape=shape, banded=banded)
+            engine = _ENGINES[runner](model, path=written, device="cpu", precision="fp32", input_shape=shape)
+            parity = check_engine(engine, model)
+            for part in Path(tmp).iterdir():  # the .onnx, or the IR's .xml and .bin
+                os.replace(part, final.parent / part.name)
     except OSError as e:
         raise BackendError(f"{path}: cannot write ({e.strerror or e})") from None
-    engine = _ENGINES[runner](model, path=written, device="cpu", precision="fp32", input_shape=shape)
-    return written, check_engine(engine, model)
+    return final, parity

@@ -27,6 +27,8 @@ from .recipe import Recipe
 from .video import RESIZE_MODES, FrameFormat, Segment, VideoInfo, Window, count_frames, probe, read_segments
 
 PLACEMENTS = ("slowfast", "co3d")
+_STILL = ("{}: a still image (or a video of one frame), not a video; predict --stills takes it as a clip of that "
+          "frame repeated")
 VIEW_PRESETS = (1, 10, 30)
 
 
@@ -197,7 +199,7 @@ def make_views(path: str | os.PathLike[str], recipe: ViewRecipe, *, threads: int
     """
     info = probe(path)
     if info.still and not stills:
-        raise VideoError(f"{path}: a still image, not a video (allow stills to use it as a clip of one repeated frame)")
+        raise VideoError(_STILL.format(path))
     fmt = FrameFormat(recipe.short_side, recipe.resize, recipe.mean, recipe.std)
     span = recipe.span(info.fps)
     segments: list[Segment | None] = [None] * recipe.clips
@@ -217,8 +219,7 @@ def make_views(path: str | os.PathLike[str], recipe: ViewRecipe, *, threads: int
         if n == 0:
             raise VideoError(f"{path}: has no frames")
         if n == 1 and not stills:
-            raise VideoError(f"{path}: a video of one frame, a still image (allow stills to use it as a clip of one "
-                             "repeated frame)")
+            raise VideoError(_STILL.format(path))
         starts = clip_starts(n, span, recipe.clips, recipe.placement)
         windows = [Window(-math.inf, math.inf, frame_positions(starts[i], starts[i] + span - 1, recipe.frames),
                           one_past=False) for i in missing]
