@@ -24,6 +24,7 @@ from x3dnet import RECIPES, create_model, save_checkpoint
 from x3dnet.backends import create_engine
 from x3dnet.evaluate import evaluate
 from x3dnet.predict import kinetics400_classes
+from x3dnet.profile import cpu_name
 from x3dnet.synthetic import make_dataset
 from x3dnet.views import make_views, view_recipe
 
@@ -56,6 +57,7 @@ def main() -> None:
         first = data.videos / data.slowfast.read_text().split()[0]
         print(f"{args.videos} videos, 10 s 340x256 30 fps H.264, {os.path.getsize(first) * 8 / 10e6:.2f} Mbit/s; "
               f"{os.cpu_count()} cores, {args.workers} workers, batch {args.batch_size}, torch {torch.__version__}")
+        print(f"CPU: {cpu_name()}, {torch.get_num_threads()} threads")
         print(f"{'model':8} {'engine':18} {'model only':>12} {'evaluate':>12} {'ratio':>6}")
         for name in args.models:
             weights = save_checkpoint(create_model(name).eval(), tmp / f"{name}.safetensors", recipe=RECIPES[name])

@@ -22,6 +22,7 @@ import torch
 
 from x3dnet import RECIPES, create_model
 from x3dnet.predict import predict_video
+from x3dnet.profile import cpu_name
 from x3dnet.views import make_views, view_recipe
 
 
@@ -48,7 +49,8 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         video = write_video(Path(tmp) / "bench.mp4")
-        print(f"video: 10 s 340x256 30 fps H.264; torch {torch.__version__}, {torch.get_num_threads()} threads")
+        print(f"video: 10 s 340x256 30 fps H.264; torch {torch.__version__}, {torch.get_num_threads()} threads; "
+              f"CPU: {cpu_name()}")
         for name in ("x3d_xs", "x3d_m"):
             model = create_model(name).eval()
             recipe = view_recipe(RECIPES[name], 30)

@@ -16,18 +16,18 @@ from test_predict import (  # noqa: F401
 )
 
 from x3dnet import X3D, load_weights
-from x3dnet.cli import main
 from x3dnet.backends import (
     BACKENDS,
     TorchEngine,
     check_engine,
-    create_engine,
     cpu_units,
+    create_engine,
     fold_batchnorm,
     installed,
     pick_backend,
     supported,
 )
+from x3dnet.cli import main
 from x3dnet.errors import BackendError
 
 INSTALLED = [b for b in BACKENDS if installed(b)]
@@ -234,7 +234,7 @@ def test_an_export_that_fails_its_check_leaves_nothing(tiny_a, tmp_path):
     broken.load_state_dict(tiny_a.state_dict())
     with torch.no_grad():
         broken.fc2.bias[3] += 0.05  # what the written graph computes differs from the model it is checked against
-    import x3dnet.backends as backends
+    from x3dnet import backends
 
     real = backends.export_onnx
     with pytest.MonkeyPatch.context() as patch:  # the graph is exported from the broken copy, checked against tiny_a

@@ -368,13 +368,13 @@ def test_no_video_evaluated_is_a_failure(setup, tmp_path):
 
 
 def test_resuming_with_another_root_is_refused(setup, tmp_path):
-    _, weights, data = setup
+    _, _, data = setup
     run(setup, tmp_path / "run", views=1, root=data.videos)
     copy = tmp_path / "copy"
     shutil.copytree(data.videos, copy)
     with pytest.raises(X3DNetError, match="the run there differs in root"):
         run(setup, tmp_path / "run", views=1, root=copy, resume=True)
-    run(setup, tmp_path / "run", views=1, root=data.videos / "." , resume=True)  # the same folder, spelt otherwise
+    run(setup, tmp_path / "run", views=1, root=data.videos / ".", resume=True)  # the same folder, spelt otherwise
 
 
 def test_one_file_listed_under_two_spellings_is_a_duplicate(setup, tmp_path):
@@ -388,7 +388,6 @@ def test_one_file_listed_under_two_spellings_is_a_duplicate(setup, tmp_path):
 
 
 def test_corrupt_frames_are_counted(setup, tmp_path):
-    _, _, data = setup
     clean = write_video(tmp_path / "noisy.mp4", 90, width=96, height=72, noise=True)
     damage(clean, tmp_path / "damaged.mp4")
     listing = tmp_path / "list.txt"
@@ -423,3 +422,24 @@ def test_a_fifo_in_a_list_fails_alone_without_a_hang(setup, tmp_path):
                              "--no-progress"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "pipe.mp4: is a FIFO (named pipe), not a video file" in result.stderr
+
+
+def test_a_forked_worker_does_not_keep_the_lock(tmp_path):
+    # DataLoader workers are forked while the lock is held; a flock lasts while any copy of its descriptor is
+    # open, so a run killed with lingering workers would keep its folder locked. Workers close their copies.
+    lock = FolderLock(tmp_path)
+    ready, started = os.pipe()
+    child = os.fork()
+    if child == 0:  # a worker that outlives its parent's lock by a while
+        os.write(started, b"1")  # the fork handlers have run by now
+        time.sleep(3)
+        os._exit(0)
+    try:
+        assert os.read(ready, 1) == b"1"
+        lock.release()
+        FolderLock(tmp_path).release()  # free at once, though the child still runs
+    finally:
+        os.kill(child, signal.SIGKILL)
+        os.waitpid(child, 0)
+        os.close(ready)
+        os.close(started)

@@ -168,17 +168,17 @@ def _evaluate(data, *, model, weights, root, classes, views, placement, resize, 
             error = str(e)
     try:
         return _evaluate_locked(
-            net, recipe, dataset, view_set, identity, weights_path, done, error, out=out, resume=resume,
-            batch_size=batch_size, workers=workers, save_scores=save_scores, device=device, backend=backend,
-            precision=precision, progress=progress, log=log, rank=rank, world=world, local_world=local_world)
+            net, dataset, view_set, identity, weights_path, done, error, out=out, batch_size=batch_size,
+            workers=workers, save_scores=save_scores, device=device, backend=backend, precision=precision,
+            progress=progress, log=log, rank=rank, world=world, local_world=local_world)
     finally:
         if lock is not None:
             lock.release()
 
 
-def _evaluate_locked(net, recipe, dataset, view_set, identity, weights_path, done, error, *, out, resume, batch_size,
-                     workers, save_scores, device, backend, precision, progress, log, rank, world,
-                     local_world) -> dict:
+def _evaluate_locked(net, dataset, view_set, identity, weights_path, done, error, *, out, batch_size, workers,
+                     save_scores, device, backend, precision, progress, log, rank, world, local_world) -> dict:
+    """The run itself, while rank 0 holds the run folder's lock (``error``: why rank 0 could not open it)."""
     error, finished = _broadcast((error, sorted(done)), world)
     if error:
         raise X3DNetError(error)

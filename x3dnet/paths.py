@@ -15,6 +15,7 @@ import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
+from typing import ClassVar
 
 from .errors import X3DNetError
 
@@ -124,6 +125,8 @@ class FolderLock:
     killed process never leaves a stale lock behind.
     """
 
+    _held: ClassVar[set[int]] = set()  # descriptors of the locks this process holds
+
     def __init__(self, folder: Path):
         self.path = folder / ".lock"
         self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -138,8 +141,23 @@ class FolderLock:
             raise
         os.ftruncate(self.fd, 0)
         os.write(self.fd, str(os.getpid()).encode())
+        FolderLock._held.add(self.fd)
 
     def release(self) -> None:
         if self.fd >= 0:
+            FolderLock._held.discard(self.fd)
             os.close(self.fd)  # closing the descriptor releases the flock
             self.fd = -1
+
+    @classmethod
+    def _drop_in_child(cls) -> None:
+        # A forked child (a DataLoader worker) inherits the descriptor, and a flock lasts while any copy is
+        # open: the lock would outlive a killed run for as long as its workers linger. The child closes its
+        # copies (closing, unlike LOCK_UN, leaves the parent's lock in place).
+        for fd in cls._held:
+            with suppress(OSError):
+                os.close(fd)
+        cls._held = set()
+
+
+os.register_at_fork(after_in_child=FolderLock._drop_in_child)

@@ -159,5 +159,3 @@ def _probs(record: dict) -> np.ndarray:
     if isinstance(probs, str):  # as a resumed run reads it back from the log
         return np.frombuffer(base64.b64decode(probs), "<f4")
     return probs.numpy()
-
-

@@ -45,7 +45,6 @@ class VideoInfo:
     def seconds(self) -> float | None:
         return None if self.duration is None else float(self.duration * self.time_base)
 
-
     @property
     def selective(self) -> bool:
         """Whether clips can be placed from the header alone (the original's condition, plus a frame count)."""
@@ -196,7 +195,7 @@ def read_segments(
     Windows are visited in order of start; a gap of more than two seconds to the next one is crossed by
     seeking to the key frame before it, so a long video is decoded only around its clips. ``threads``:
     decoder threads (0: as many as FFmpeg likes; 1 where several decoders share the cores). Every frame
-    decoded must have the stream's frame size: a video whose size changes is refused, not cut at crop
+    decoded must have the size of the first: a video whose size changes is refused, not cut at crop
     offsets computed for another size.
     """
     order = sorted(range(len(windows)), key=lambda i: windows[i].start)
@@ -212,9 +211,9 @@ def read_segments(
         return recent[ordinal]
 
     corrupt: list[float] = []
+    size: tuple[int, int] | None = None
     with _open(path) as container:
-        info = _info(path, container)
-        time_base = info.time_base
+        time_base = _info(path, container).time_base
         stream = container.streams.video[0]
         _threads(stream, threads)
         frames = _decode(path, container, stream)
@@ -232,8 +231,9 @@ def read_segments(
                 break
             if frame.pts is None:
                 raise VideoError(f"{path}: frames without timestamps")
-            if (frame.width, frame.height) != (info.width, info.height):
-                raise VideoError(f"{path}: the frame size changes within the video (from {info.width}x{info.height} "
+            size = size or (frame.width, frame.height)  # the first frame's, not the header's: they can differ
+            if (frame.width, frame.height) != size:
+                raise VideoError(f"{path}: the frame size changes within the video (from {size[0]}x{size[1]} "
                                  f"to {frame.width}x{frame.height} at {_seconds(frame.pts, time_base)})")
             if frame.is_corrupt:
                 corrupt.append(float(frame.pts * time_base) if time_base else float(ordinal))

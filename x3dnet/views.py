@@ -27,9 +27,9 @@ from .recipe import Recipe
 from .video import RESIZE_MODES, FrameFormat, Segment, VideoInfo, Window, count_frames, probe, read_segments
 
 PLACEMENTS = ("slowfast", "co3d")
+VIEW_PRESETS = (1, 10, 30)
 _STILL = ("{}: a still image (or a video of one frame), not a video; predict --stills takes it as a clip of that "
           "frame repeated")
-VIEW_PRESETS = (1, 10, 30)
 
 
 @dataclass(frozen=True)
@@ -228,7 +228,7 @@ def make_views(path: str | os.PathLike[str], recipe: ViewRecipe, *, threads: int
             segments[i] = segment
         corrupt.update(found.corrupt)
     sizes = {tuple(f.shape) for s in segments for f in s.frames}
-    if len(sizes) > 1:  # read_segments checks every frame against the header; this guards the views' offsets
+    if len(sizes) > 1:  # each pass checks its own frames; this compares the two passes (and mid-video rotations)
         raise VideoError(f"{path}: the frame size changes within the video")
     h, w = segments[0].frames[0].shape[:2] if recipe.resize == "area" else segments[0].frames[0].shape[1:]
     clips = [torch.stack(s.frames, dim=0 if recipe.resize == "area" else 1) for s in segments]
