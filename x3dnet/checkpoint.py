@@ -12,7 +12,7 @@ import json
 import os
 import pickle
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +30,8 @@ from .paths import PathError, atomic_path, input_file, output_file, write_atomic
 from .recipe import MAX_FRAMES, MAX_SIZE, RECIPES, Recipe
 
 _META_FORMAT, _META_CONFIG, _META_RECIPE = "x3dnet.format", "x3dnet.config", "x3dnet.recipe"
+_META_CLASSES = "x3dnet.classes"  # the class names, in index order, of a model x3dnet trained
+_MAX_NAME = 1000  # characters of one class name
 _STATE_KEYS = ("model_state", "state_dict", "model")  # SlowFast and pytorchvideo, mmaction2, others
 _MAX_CFG = 1_000_000  # characters: SlowFast writes about 10 kB of YAML
 # Recipe fields and the SlowFast cfg keys they are read from, to name a bad one as the file names it.
@@ -50,6 +52,7 @@ class Checkpoint:
     config: X3DConfig | None
     recipe: Recipe | None
     architecture: dict[str, object] | None  # read off the tensor shapes; None if they are incomplete
+    classes: tuple[str, ...] | None = None  # class names, where the file records them (x3dnet train writes them)
 
     @property
     def num_classes(self) -> int | None:
@@ -99,7 +102,21 @@ def load_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
     if isinstance(recorded, X3DConfig):
         _agrees(recorded, architecture, state_dict, path)
     config = _config(architecture, recorded, state_dict)
-    return Checkpoint(path, layout, state_dict, config, recipe, architecture)
+    classes = _classes(metadata, state_dict, path) if _META_CLASSES in metadata else None
+    return Checkpoint(path, layout, state_dict, config, recipe, architecture, classes)
+
+
+def _classes(metadata: dict[str, str], sd: Mapping[str, Tensor], path: Path) -> tuple[str, ...]:
+    try:
+        names = json.loads(metadata[_META_CLASSES])
+    except (ValueError, RecursionError):
+        raise CheckpointError(f"{path}: damaged {_META_CLASSES} metadata (not JSON)") from None
+    if not isinstance(names, list) or not all(isinstance(n, str) and 0 < len(n) <= _MAX_NAME for n in names):
+        raise CheckpointError(f"{path}: {_META_CLASSES} metadata: must be a list of class names")
+    if "fc2.weight" in sd and len(names) != sd["fc2.weight"].shape[0]:
+        raise CheckpointError(f"{path}: its metadata names {len(names)} classes, but its classifier has "
+                              f"{sd['fc2.weight'].shape[0]}")
+    return tuple(names)
 
 
 def _agrees(config: X3DConfig, architecture: dict | None, sd: Mapping[str, Tensor], path: Path) -> None:
@@ -153,13 +170,16 @@ def load_weights(model: X3D, checkpoint: Checkpoint | str | os.PathLike[str], *,
     model.load_state_dict(state_dict, strict=classifier)
 
 
-def save_checkpoint(model: X3D, path: str | os.PathLike[str], *, recipe: Recipe | None = None) -> Path:
-    """Write ``model`` in x3dnet's format: safetensors, with its config and recipe as metadata."""
-    return write_checkpoint(model.state_dict(), path, layout=NATIVE, config=model.config, recipe=recipe)
+def save_checkpoint(model: X3D, path: str | os.PathLike[str], *, recipe: Recipe | None = None,
+                    classes: Sequence[str] | None = None) -> Path:
+    """Write ``model`` in x3dnet's format: safetensors, with its config, recipe and class names as metadata."""
+    return write_checkpoint(model.state_dict(), path, layout=NATIVE, config=model.config, recipe=recipe,
+                            classes=classes)
 
 
 def write_checkpoint(state_dict: Mapping[str, Tensor], path: str | os.PathLike[str], *, layout: str,
-                     config: X3DConfig | None = None, recipe: Recipe | None = None) -> Path:
+                     config: X3DConfig | None = None, recipe: Recipe | None = None,
+                     classes: Sequence[str] | None = None) -> Path:
     """Write an x3dnet state dict in ``layout``, atomically (a temporary file renamed at the end).
 
     Files are shaped as their projects write them: SlowFast ``{"model_state", "cfg"}``, pytorchvideo
@@ -174,6 +194,10 @@ def write_checkpoint(state_dict: Mapping[str, Tensor], path: str | os.PathLike[s
         metadata = {_META_FORMAT: "1", _META_CONFIG: json.dumps(dataclasses.asdict(config))}
         if recipe is not None:
             metadata[_META_RECIPE] = json.dumps(recipe.to_dict())
+        if classes is not None:
+            if len(classes) != config.num_classes:
+                raise CheckpointError(f"{path}: {len(classes)} class names for {config.num_classes} classes")
+            metadata[_META_CLASSES] = json.dumps(list(classes))
         return write_atomic_with(path, lambda tmp: safetensors.torch.save_file(tensors, tmp, metadata=metadata))
     if layout == "slowfast":
         obj = {"model_state": tensors}
@@ -227,7 +251,8 @@ def convert_checkpoint(src: str | os.PathLike[str], dst: str | os.PathLike[str],
     if recipe is None and config is not None:
         recipe = RECIPES.get(config.name)
     with atomic_path(dst) as tmp:  # checked under a temporary name, then renamed
-        write_checkpoint(ckpt.state_dict, tmp, layout=to, config=config, recipe=recipe)
+        write_checkpoint(ckpt.state_dict, tmp, layout=to, config=config, recipe=recipe,
+                         classes=ckpt.classes if to == NATIVE else None)
         diff = (_probe(load_checkpoint(tmp)) - reference).abs().max().item()
         if not diff <= 1e-5:
             raise CheckpointError(f"{dst}: converted file computes something else (max |dp| = {diff:.2e})")

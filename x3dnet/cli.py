@@ -77,6 +77,7 @@ def inspect(args: argparse.Namespace) -> None:
         "model": ckpt.describe(),
         "classes": ckpt.num_classes,
         "tensors": len(ckpt.state_dict),
+        "class names": list(ckpt.classes) if ckpt.classes else None,
         "config": dataclasses.asdict(ckpt.config) if ckpt.config else None,
         "recipe": ckpt.recipe.to_dict() if ckpt.recipe else None,
     }
@@ -84,6 +85,8 @@ def inspect(args: argparse.Namespace) -> None:
         print(json.dumps(info))
         return
     for key, value in info.items():
+        if isinstance(value, list):
+            value = ", ".join(value[:10]) + (f", ... ({len(value)} in all)" if len(value) > 10 else "")
         if isinstance(value, dict):
             value = ", ".join(f"{k}={','.join(map(str, v)) if isinstance(v, tuple) else v}" for k, v in value.items())
         print(f"{key}: {value}")
@@ -108,6 +111,8 @@ def predict_videos(args: argparse.Namespace) -> int:
             failed += 1
             continue
         classes = result.scores.numel()
+        if labels is None and result.classes is not None:
+            labels = list(result.classes)  # the names a trained model's file records
         if labels is None and classes == 400:
             labels = kinetics400_classes()
         if labels is not None and len(labels) != classes:
@@ -141,6 +146,29 @@ def evaluate_list(args: argparse.Namespace) -> None:
              views=args.views, placement=args.placement, resize=args.resize, batch_size=args.batch_size,
              workers=args.workers, out=out, resume=args.resume, save_scores=args.save_scores, device=args.device,
              backend=args.backend, precision=args.precision, progress=not args.no_progress)
+
+
+def train_videos(args: argparse.Namespace) -> None:
+    from .train import train
+
+    if args.out == "":
+        raise X3DNetError("an empty string was given as --out")
+    out = args.out
+    if out is None:
+        model = args.model or (Path(args.weights).stem.split(".")[0] if args.weights else "x3d")
+        data = Path(args.data.rstrip("/"))
+        name = data.name if data.is_dir() else data.stem
+        out = Path("x3dnet-runs") / f"train-{name}-{model}"
+    plot = None
+    if args.plot:  # checked before hours of training; the run folder itself is made by the run
+        inside = Path(args.plot).parent.resolve() == Path(out).resolve()
+        plot = Path(args.plot) if inside and Path(args.plot).suffix else plot_path(args.plot)
+    train(args.data, val=args.val, val_split=args.val_split, model=args.model, weights=args.weights,
+          classes=args.classes, root=args.root, recipe=args.recipe, epochs=args.epochs, batch_size=args.batch_size,
+          lr=args.lr, dropout=args.dropout, freeze=args.freeze, workers=args.workers, seed=args.seed,
+          precision=args.precision, device=args.device, out=out, resume=args.resume, sync_bn=args.sync_bn,
+          precise_bn_batches=args.precise_bn_batches, checkpoint_minutes=args.checkpoint_minutes,
+          val_views=args.val_views, flip=not args.no_flip, progress=not args.no_progress, plot=plot)
 
 
 def synthesize(args: argparse.Namespace) -> None:
@@ -212,6 +240,33 @@ def _non_negative(text: str) -> int:
     return value
 
 
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"expected a fraction between 0 and 1, not {text!r}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected 0 or a positive number, not {text!r}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = _non_negative_float(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, not {text!r}")
+    return value
+
+
 def _emit(rows: list[dict[str, object]], as_json: bool) -> None:
     print("\n".join(json.dumps(r) for r in rows) if as_json else _table(rows))
 
@@ -260,7 +315,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="short-side resize: area (the original's default decoder) or bilinear (its PyAV path, "
                         "and co3d's); default: the placement's own")
     p.add_argument("--top", type=_positive, default=5, help="classes to show (default 5)")
-    p.add_argument("--labels", help="class names, one per line (default: Kinetics-400 for 400-class models)")
+    p.add_argument("--labels", help="class names, one per line (default: those the weights' file records, else "
+                                    "Kinetics-400 for 400-class models)")
     p.add_argument("--batch-size", type=_positive, default=8, help="views per forward pass (default 8)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     _engine_flags(p, default_backend="auto")
@@ -272,7 +328,8 @@ def _parser() -> argparse.ArgumentParser:
     p = verbs.add_parser("evaluate", help="top-1/top-5 of a labelled video list (resumable; torchrun shards it)")
     p.add_argument("--data", required=True, help="a 'path label' list, a Kinetics CSV, or a folder of class folders")
     p.add_argument("--root", help="where the list's relative paths start (default: the list's folder)")
-    p.add_argument("--classes", help="class names in index order, one per line (default: Kinetics-400)")
+    p.add_argument("--classes", help="class names in index order, one per line (default: those the weights' file "
+                                     "records, else Kinetics-400)")
     p.add_argument("--model", help="variant (default: the weights' own, else x3d_m)")
     p.add_argument("--weights", help="a checkpoint file or a published name (default: the model's SlowFast weights)")
     p.add_argument("--views", type=int, choices=VIEW_PRESETS, default=30,
@@ -289,6 +346,47 @@ def _parser() -> argparse.ArgumentParser:
     _engine_flags(p, default_backend="auto")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(run=evaluate_list)
+
+    p = verbs.add_parser("train", help="fine-tune (or train from scratch) on labelled videos: the original's recipe, "
+                                       "resumable; torchrun runs it data-parallel")
+    p.add_argument("--data", required=True, help="training videos: a 'path label' list, a Kinetics CSV, or a folder "
+                                                 "of class folders")
+    p.add_argument("--val", help="validation videos, in any of those formats (same classes)")
+    p.add_argument("--val-split", type=_fraction, metavar="FRACTION",
+                   help="hold out this fraction of each class of --data for validation instead")
+    p.add_argument("--root", help="where --data's relative paths start (default: the list's folder)")
+    p.add_argument("--classes", help="class names in index order, one per line (default: the class folders, or "
+                                     "the list's labels sorted)")
+    p.add_argument("--weights", help="weights to fine-tune: a checkpoint file in any layout or a published name")
+    p.add_argument("--model", help="variant (default: the weights' own); without --weights, trained from scratch")
+    p.add_argument("--recipe", choices=("finetune", "original"),
+                   help="finetune (default with --weights: 1 warm-up epoch) or original (default without: the "
+                        "X3D configs' from-scratch schedule, 35/300 of the run warming up)")
+    p.add_argument("--epochs", type=_positive, help="default 30 (finetune) or 300 (original)")
+    p.add_argument("--batch-size", type=_positive, default=8, help="global batch, over all processes (default 8)")
+    p.add_argument("--lr", type=_positive_float, help="base learning rate (default 0.1 per 128 clips of the batch)")
+    p.add_argument("--dropout", type=_non_negative_float, default=0.5, help="before the classifier (default 0.5)")
+    p.add_argument("--freeze", choices=("none", "bn", "backbone"), default="none",
+                   help="bn: fix every BN (small batches); backbone: train the classifier only (linear probe)")
+    p.add_argument("--workers", type=_non_negative, default=2, help="decoding processes (default 2; 0: inline)")
+    p.add_argument("--seed", type=_non_negative, default=0, help="decides the data order and every augmentation")
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                   help="fp32 (default); bf16 (autocast: a CPU with bf16 units, or CUDA); fp16 (CUDA, scaled)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    p.add_argument("--out", help="run folder (default x3dnet-runs/train-<data>-<model>)")
+    p.add_argument("--resume", action="store_true", help="continue the run saved in --out from its last checkpoint")
+    p.add_argument("--sync-bn", action="store_true", help="BN statistics over the global batch under torchrun")
+    p.add_argument("--precise-bn-batches", type=_non_negative, default=200,
+                   help="training batches precise BN averages over before each validation (default 200; 0: off)")
+    p.add_argument("--checkpoint-minutes", type=_non_negative_float, default=10.0,
+                   help="also checkpoint within an epoch this often (default 10; 0: at epoch ends only)")
+    p.add_argument("--val-views", type=int, choices=VIEW_PRESETS, default=1,
+                   help="views per validation video (default 1)")
+    p.add_argument("--no-flip", action="store_true",
+                   help="no random horizontal flips (for classes a mirror image turns into each other: left/right)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--plot", metavar="FILE.png", help="draw loss and accuracy curves after every epoch (matplotlib)")
+    p.set_defaults(run=train_videos)
 
     p = verbs.add_parser("synthesize", help="write a small labelled video dataset to try evaluate on")
     p.add_argument("out", help="folder to write into")

@@ -113,6 +113,37 @@ def read_dataset(
     return Dataset(source, fmt, index.classes, tuple(samples), hashlib.sha256(text.encode()).hexdigest(), base)
 
 
+def training_classes(data: str | os.PathLike[str]) -> list[str]:
+    """The classes a list trains, where no class file names them: a folder tree's class folders, a Kinetics
+    CSV's labels, or a ``path label`` list's labels (names sorted; integer labels 0..max as names "0"...)."""
+    source = Path(data)
+    if os.fspath(data) == "":
+        raise DatasetError("an empty string was given as the list")
+    if source.is_dir():
+        names = sorted(p.name for p in source.iterdir() if p.is_dir() and not p.name.startswith("."))
+        if not names:
+            raise DatasetError(f"{source}: no class folders in it")
+        return names
+    if not source.exists():
+        raise DatasetError(f"{source}: no such file or folder")
+    try:
+        text = source.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as e:
+        raise DatasetError(f"{source}: cannot read the list ({getattr(e, 'strerror', None) or e})") from None
+    first = next((line for line in text.splitlines() if line.strip()), "")
+    if "youtube_id" in [h.strip().lower() for h in next(csv.reader([first]), [])]:
+        reader = csv.DictReader(text.splitlines())
+        reader.fieldnames = [f.strip().lower() for f in reader.fieldnames or []]
+        if "label" not in reader.fieldnames:
+            raise DatasetError(f"{source}:1: no label column: cannot train")
+        labels = {(row.get("label") or "").strip() for row in reader} - {""}
+    else:
+        labels = {fields[1] for line in text.splitlines() if len(fields := line.strip().rsplit(None, 1)) == 2}
+    if labels and all(re.fullmatch(r"\d+", label) for label in labels):
+        return [str(i) for i in range(max(map(int, labels)) + 1)]
+    return sorted(labels, key=class_key)
+
+
 def _read_path_label(source: Path, text: str, base: Path, index: ClassIndex) -> list[Sample]:
     samples = []
     for number, line in enumerate(text.splitlines(), 1):

@@ -143,7 +143,7 @@ def _evaluate(data, *, model, weights, root, classes, views, placement, resize, 
     # Rank 0 first: one download into the shared cache, not one per process.
     net, recipe = _rank0_first(lambda: load_model(model, weights=source), rank, world)
     weights_path = resolve_weights(source)
-    names = _class_names(classes, net.config.num_classes)
+    names = _class_names(classes if classes is not None else net.class_names, net.config.num_classes)
     dataset = read_dataset(data, classes=names, root=root)
     try:
         view_set = view_recipe(recipe, views, placement=placement, resize=resize)
@@ -229,6 +229,22 @@ def _evaluate_locked(net, dataset, view_set, identity, weights_path, done, error
         raise X3DNetError(f"no video could be evaluated: all {metrics['failed']} failed"
                           + (f" (their reasons are in {out / 'metrics.json'})" if out is not None else ""))
     return metrics
+
+
+def validate(model, dataset: Dataset, view_set: ViewRecipe, *, batch_size: int = 8, workers: int = 0,
+             progress: bool = False) -> dict:
+    """Accuracy of ``model`` (an eval-mode X3D or an engine) on ``dataset`` with ``view_set``'s views, as
+    ``evaluate`` computes it but without a run folder: ``compute_metrics``'s fields and ``failed``."""
+    loader = DataLoader(_VideoViews(dataset.samples, range(len(dataset)), view_set), batch_size=None,
+                        collate_fn=_as_is, num_workers=workers, prefetch_factor=2 if workers else None,
+                        worker_init_fn=_worker_init)
+    bar = tqdm(total=len(dataset), unit="video", disable=not progress, dynamic_ncols=True, desc="validate",
+               leave=False, file=sys.stderr)
+    records: list[dict] = []
+    _run(model, iter(loader), dataset, records, batch_size=batch_size, log_path=None, save_scores=False, bar=bar)
+    done = [r for r in records if "error" not in r]
+    return {**compute_metrics(done, len(dataset.classes)), "failed": len(records) - len(done),
+            "failed_videos": [{"video": r["video"], "error": r["error"]} for r in records if "error" in r]}
 
 
 def _rank0_first(fn: Callable[[], object], rank: int, world: int) -> object:

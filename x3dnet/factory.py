@@ -78,5 +78,8 @@ def load_model(
 def _loaded(config: X3DConfig, ckpt: Checkpoint, num_classes: int | None, *, match_clip: bool) -> X3D:
     file_classes = ckpt.num_classes or config.num_classes
     model = X3D(config.replace(num_classes=num_classes or file_classes))
-    load_weights(model, ckpt, classifier=num_classes in (None, file_classes), match_clip=match_clip)
+    classifier = num_classes in (None, file_classes)
+    load_weights(model, ckpt, classifier=classifier, match_clip=match_clip)
+    if classifier:
+        model.class_names = ckpt.classes
     return model

@@ -242,6 +242,7 @@ class X3D(nn.Module):
     def __init__(self, config: X3DConfig) -> None:
         super().__init__()
         self.config = config
+        self.class_names: tuple[str, ...] | None = None  # set where the weights' file names its classes
         c = config
         self.stem = Stem(c.stem_width)
         c_in = (c.stem_width,) + c.widths[:-1]
@@ -297,6 +298,7 @@ class X3D(nn.Module):
         self.fc2 = nn.Linear(self.config.head_width, num_classes).to(self.fc1.weight)
         _init_classifier(self.fc2)
         self.config = self.config.replace(num_classes=num_classes)
+        self.class_names = None
 
     def _pool(self, x: Tensor) -> Tensor:
         if self.config.head_pooling == "global":

@@ -41,6 +41,7 @@ class Prediction:
     views: int
     scores: Tensor  # (classes,): the mean of the per-view probabilities
     corrupt: list[float] = field(default_factory=list)  # seconds of the frames the decoder flagged as damaged
+    classes: tuple[str, ...] | None = None  # the class names the weights' file records (x3dnet train writes them)
 
     def top(self, k: int, labels: Sequence[str] | None = None) -> list[dict[str, object]]:
         """The ``k`` best classes, best first: ``{"label", "index", "score"}``; labels default to indices."""
@@ -97,6 +98,8 @@ def predict(
     engine = create_engine(net, backend=backend, device=device, precision=precision, input_shape=shape)
     for video in videos:
         try:
-            yield predict_video(engine, video, view_set, batch_size=batch_size, stills=stills)
+            result = predict_video(engine, video, view_set, batch_size=batch_size, stills=stills)
+            result.classes = net.class_names
+            yield result
         except X3DNetError as e:
             yield e

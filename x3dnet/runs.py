@@ -49,18 +49,23 @@ def open_run(out: Path, identity: dict, *, resume: bool, dataset: Dataset) -> tu
     """Lock ``out`` for this process and make it ready for a new run or, with ``resume``, read the videos
     an earlier one finished there. The lock is held until it is released or the process ends: a second
     process on the same folder is refused."""
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"{out}: exists and is not a folder")
-    try:  # as an X3DNetError, which every rank of a torchrun hears about, not an OSError on rank 0 alone
-        out.mkdir(parents=True, exist_ok=True)
-        lock = FolderLock(out)
-    except OSError as e:
-        raise ConfigError(f"{out}: cannot be used as the run folder: {os_error_line(e)}") from None
+    lock = lock_folder(out)
     try:
         return lock, _read_run(out, identity, resume=resume, dataset=dataset)
     except BaseException:
         lock.release()
         raise
+
+
+def lock_folder(out: Path) -> FolderLock:
+    """Create the run folder ``out`` if needed and lock it for this process (see ``FolderLock``)."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{out}: exists and is not a folder")
+    try:  # as an X3DNetError, which every rank of a torchrun hears about, not an OSError on rank 0 alone
+        out.mkdir(parents=True, exist_ok=True)
+        return FolderLock(out)
+    except OSError as e:
+        raise ConfigError(f"{out}: cannot be used as the run folder: {os_error_line(e)}") from None
 
 
 def _read_run(out: Path, identity: dict, *, resume: bool, dataset: Dataset) -> dict[int, dict]:

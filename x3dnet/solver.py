@@ -127,7 +127,10 @@ def precise_bn(model: nn.Module, batches: Iterable[Tensor], *, limit: int) -> in
     squares = [torch.zeros_like(m.running_var) for m in layers]  # E[x^2]
 
     def count(module: nn.Module, inputs: tuple[Tensor, ...]) -> None:
-        counts[module] = inputs[0].numel() // inputs[0].shape[1]
+        n = inputs[0].numel() // inputs[0].shape[1]
+        if isinstance(module, SyncBatchNorm3d) and dist.is_initialized():
+            n *= dist.get_world_size()  # its statistics are the global batch's (every process holds as many)
+        counts[module] = n
 
     hooks = [m.register_forward_pre_hook(count) for m in layers]
     used = 0
@@ -169,27 +172,42 @@ def _take(items: Iterable[Tensor], limit: int) -> Iterator[Tensor]:
         yield item
 
 
+class _AllReduce(torch.autograd.Function):
+    """A sum over every process whose gradient is the sum of every process's gradients: each process's
+    loss depends on every input through the shared statistics."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        x = x.clone()
+        dist.all_reduce(x)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad
+
+
 class SyncBatchNorm3d(nn.BatchNorm3d):
     """BatchNorm3d whose training statistics are those of the whole global batch, over every process.
 
     On one process it is plain BatchNorm3d. With several it all-reduces the per-channel sums (mean, then
-    squared deviations from it: two passes, for fp32 accuracy) through ``torch.distributed.nn``, whose
-    backward all-reduces the gradients, so every process computes the gradient of the global batch. It
+    squared deviations from it: two passes, for fp32 accuracy) with a backward that all-reduces the
+    gradients, so every process computes the gradient of the global batch. It
     keeps BatchNorm3d's parameter and buffer names: checkpoints are the same.
     """
 
     def forward(self, x: Tensor) -> Tensor:
         if not (self.training and dist.is_initialized() and dist.get_world_size() > 1):
             return super().forward(x)
-        from torch.distributed.nn import functional as dist_fn
-
         dims = (0, 2, 3, 4)
         count = torch.tensor([x.numel() / x.shape[1]], dtype=torch.float64, device=x.device)
         dist.all_reduce(count)
         n = count.item()
-        mean = dist_fn.all_reduce(x.sum(dims)) / n
+        mean = _AllReduce.apply(x.sum(dims)) / n
         centred = x - mean[None, :, None, None, None]
-        var = dist_fn.all_reduce(centred.square().sum(dims)) / n  # biased: what normalises
+        var = _AllReduce.apply(centred.square().sum(dims)) / n  # biased: what normalises
         if self.track_running_stats:
             with torch.no_grad():
                 m = self.momentum

@@ -19,6 +19,7 @@ import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -237,3 +238,72 @@ def make_views(path: str | os.PathLike[str], recipe: ViewRecipe, *, threads: int
         offsets=crop_offsets(h, w, recipe.crop, recipe.crops, recipe.placement),
         pts=[s.pts for s in segments], decoded=decoded, corrupt=sorted(corrupt),
     )
+
+
+@dataclass(frozen=True)
+class TrainClip:
+    """How the original samples a training clip (``Kinetics.__getitem__``, train split), spec "Training clips"."""
+
+    frames: int  # T
+    stride: int  # tau, in frames at target_fps
+    crop: int  # the training crop
+    jitter: tuple[int, int]  # the short side is resized to a size drawn uniformly in this range (inclusive)
+    flip: bool = True  # horizontal flip with probability 0.5
+    target_fps: float = 30
+    mean: tuple[float, float, float] = (0.45, 0.45, 0.45)
+    std: tuple[float, float, float] = (0.225, 0.225, 0.225)
+
+    def __post_init__(self) -> None:
+        low, high = self.jitter
+        if not 0 < self.crop <= low <= high:
+            raise ValueError(f"impossible training clips: crop {self.crop} from short sides {low} to {high}")
+
+    def span(self, fps: float) -> float:
+        return max(1.0, self.frames * self.stride / self.target_fps * fps)
+
+
+def train_clip(path: str | os.PathLike[str], recipe: TrainClip, rng: np.random.Generator, *,
+               threads: int = 0) -> tuple[Tensor, list[float]]:
+    """One random training clip of ``path``, normalised float (3, T, crop, crop), and the seconds of any
+    frames the decoder flagged as corrupt.
+
+    In the original's order: a window of T x tau frames (at 30 fps) starting uniformly at random in the
+    video, its frames picked by ``linspace``; normalised, then the short side resized (bilinear) to a size
+    drawn from ``recipe.jitter``; a random ``crop`` x ``crop`` window; a horizontal flip with p 0.5. Every
+    draw comes from ``rng``, in a fixed order whatever the video, so a clip is a function of the
+    generator's seed alone.
+    """
+    where, size = rng.uniform(), int(round(rng.uniform(*recipe.jitter)))
+    corner, flip = rng.uniform(size=2), rng.uniform() < 0.5
+    info = probe(path)
+    if info.still:
+        raise VideoError(f"{path}: a still image (or a video of one frame), not a video")
+    fmt = FrameFormat(size, "bilinear", recipe.mean, recipe.std)
+    span = recipe.span(info.fps)
+    local = frame_positions(0, span - 1, recipe.frames)
+    segment, corrupt = None, []
+    if info.selective:
+        start = where * max(info.frames - span, 0)
+        p = info.pts_per_frame
+        window = Window(info.start + int(start * p), info.start + int((start + span - 1) * p), local)
+        found = read_segments(path, [window], fmt, threads=threads)
+        segment, corrupt = found.segments[0], found.corrupt
+    if segment is None:  # no usable header, or an empty window: place the clip on the counted frames
+        n = count_frames(path, threads=threads)
+        if n < 2:
+            raise VideoError(f"{path}: has {'no frames' if n == 0 else 'one frame'}")
+        start = where * max(n - span, 0)
+        window = Window(-math.inf, math.inf, frame_positions(start, start + span - 1, recipe.frames), one_past=False)
+        found = read_segments(path, [window], fmt, threads=threads)
+        segment, corrupt = found.segments[0], found.corrupt
+    if len({tuple(f.shape) for f in segment.frames}) > 1:
+        raise VideoError(f"{path}: the frame size changes within the video")
+    clip = torch.stack(segment.frames, dim=1)  # T x (3, H, W) -> (3, T, H, W), normalised
+    h, w = clip.shape[-2:]
+    # The original's random_crop: offsets drawn from [0, side - crop), so the last one is never taken.
+    y = int(corner[0] * (h - recipe.crop)) if h > recipe.crop else 0
+    x = int(corner[1] * (w - recipe.crop)) if w > recipe.crop else 0
+    clip = clip[:, :, y:y + recipe.crop, x:x + recipe.crop]
+    if recipe.flip and flip:
+        clip = clip.flip(-1)
+    return clip.contiguous(), sorted(corrupt)

@@ -1,0 +1,142 @@
+"""``x3dnet train`` throughput against the model alone, and (``--learn``) whether it learns.
+
+    python benchmarks/bench_train.py [--models x3d_xs x3d_s] [--workers 2] [--steps 10]
+    python benchmarks/bench_train.py --learn [--folder D]
+
+Default: per model, in one run, training clips per second (forward + backward + SGD step, batch 8, eager
+fp32, random weights) of the model alone on clips already in memory; of ``x3dnet train``'s whole pipeline
+(decoding, augmentation and batching in DataLoader workers, the lr schedule, the log; precise BN and
+validation off) on synthetic videos; and of the other precisions and layouts this CPU offers (bf16
+autocast where it has bf16 units, channels-last 3-D), each against eager fp32. The pipeline target is at
+least 0.75 of model-only with 2 workers.
+
+``--learn``: the issue's fixed command, from scratch on held-out synthetic videos; prints the validation
+top-1 of every epoch and the time of the whole ``train`` command (target: best >= 90% within 20 minutes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from x3dnet import create_model
+from x3dnet.backends import cpu_units
+from x3dnet.profile import cpu_name
+from x3dnet.solver import SolverConfig, build_optimizer
+from x3dnet.synthetic import make_dataset
+from x3dnet.train import read_train_log, train
+
+
+def model_only(name: str, *, batch: int, steps: int, precision: str = "fp32", channels_last: bool = False) -> float:
+    """Training clips per second of the model alone: random clips at the training size, already in memory."""
+    torch.manual_seed(0)
+    model = create_model(name, num_classes=10).train()
+    fmt = torch.channels_last_3d if channels_last else torch.contiguous_format
+    model = model.to(memory_format=fmt)
+    opt = build_optimizer(model, SolverConfig(base_lr=0.01, warmup_epochs=0))
+    c = model.config
+    x = torch.randn(batch, 3, c.frames, c.train_crop, c.train_crop).contiguous(memory_format=fmt)
+    y = torch.randint(0, 10, (batch,))
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
+
+    def step() -> None:
+        opt.zero_grad()
+        with autocast:
+            logits = model(x)
+        F.cross_entropy(logits.float(), y).backward()
+        opt.step()
+
+    for _ in range(2):
+        step()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return batch * steps / (time.perf_counter() - start)
+
+
+def pipeline(name: str, videos: Path, out: Path, *, batch: int, workers: int) -> float:
+    """Training clips per second of ``x3dnet train`` itself: one epoch, timed from its first step's start
+    to its last step's end (the log's step lines), so worker start-up and precise BN are left out."""
+    start = time.perf_counter()
+    train(videos, model=name, epochs=1, batch_size=batch, workers=workers, precise_bn_batches=0, out=out,
+          progress=False, log=lambda line: None, checkpoint_minutes=0)
+    wall = time.perf_counter() - start
+    steps = [r for r in read_train_log(out / "train_log.jsonl") if r["type"] == "step"]
+    clips = sum(r["clips"] for r in steps)
+    return clips / wall
+
+
+def learn(folder: Path) -> None:
+    commands = [
+        ["synthesize", folder / "train", "--videos-per-class", "20", "--seconds", "2", "--seed", "11"],
+        ["synthesize", folder / "val", "--videos-per-class", "6", "--seconds", "2", "--seed", "12"],
+        ["train", "--data", folder / "train" / "videos", "--val", folder / "val" / "videos", "--model", "x3d_xs",
+         "--epochs", "15", "--out", folder / "run", "--no-progress"],
+    ]
+    for command in commands:
+        print("$ x3dnet " + " ".join(map(str, command)), flush=True)
+        start = time.perf_counter()
+        done = subprocess.run([sys.executable, "-m", "x3dnet", *map(str, command)], stderr=subprocess.PIPE, text=True)
+        seconds = time.perf_counter() - start
+        if done.returncode:
+            sys.exit(f"failed: {done.stderr.strip()}")
+    epochs = [r for r in read_train_log(folder / "run" / "train_log.jsonl") if r["type"] == "epoch"]
+    for r in epochs:
+        print(f"  epoch {r['epoch']:>2}: train loss {r['train_loss']:.3f}, val top-1 {r['val_top1']:.1f}%")
+    best = max(r["val_top1"] for r in epochs)
+    print(f"best validation top-1 {best:.1f}% (target >= 90%); train took {seconds / 60:.1f} min (target <= 20)")
+    print(f"CPU: {cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=["x3d_xs", "x3d_s"])
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=8, help="timed model-only steps (default 8)")
+    parser.add_argument("--videos", type=int, default=48, help="videos the pipeline trains on (default 48)")
+    parser.add_argument("--learn", action="store_true", help="run the learning check instead")
+    parser.add_argument("--folder", help="where --learn writes (default: a temporary folder)")
+    args = parser.parse_args()
+    print(f"CPU: {cpu_name()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads, torch {torch.__version__}; "
+          f"bf16 units: {'yes' if 'BF16' in cpu_units() else 'no'}", flush=True)
+    if args.learn:
+        if args.folder:
+            learn(Path(args.folder))
+        else:
+            with tempfile.TemporaryDirectory() as tmp:
+                learn(Path(tmp))
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        data = make_dataset(tmp / "data", videos_per_class=max(1, args.videos // 10), seconds=2, seed=5)
+        rows = []
+        for name in args.models:
+            before = model_only(name, batch=args.batch_size, steps=args.steps)
+            full = pipeline(name, data.videos, tmp / f"run-{name}", batch=args.batch_size, workers=args.workers)
+            after = model_only(name, batch=args.batch_size, steps=args.steps)
+            alone = (before + after) / 2  # timed on both sides of the pipeline run: the machine drifts
+            row = {"model": name, "model_only": round(alone, 2), "pipeline": round(full, 2),
+                   "pipeline/model_only": round(full / alone, 3)}
+            options = [("channels_last_3d", {"channels_last": True})]
+            if "BF16" in cpu_units():
+                options.append(("bf16", {"precision": "bf16"}))
+            for label, kw in options:
+                rate = model_only(name, batch=args.batch_size, steps=args.steps, **kw)
+                row[f"{label}/fp32"] = round(rate / alone, 3)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+        print(f"clips/s, batch {args.batch_size}, {args.workers} workers; pipeline target >= 0.75 of model-only")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,271 @@
+"""x3dnet train: training clips, the run folder, resuming to the bit, data-parallel runs, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import safetensors.torch
+import torch
+from test_cli import assert_one_line_error, assert_one_line_error_here, tiny_native, x3dnet
+
+from conftest import tiny_config
+from test_predict import TINY_RECIPE
+
+from x3dnet import X3D, load_checkpoint, save_checkpoint
+from x3dnet.synthetic import PATTERNS, make_dataset
+from x3dnet.train import epoch_batches, read_train_log, solver_for, split_dataset
+from x3dnet.datasets import read_dataset, training_classes
+from x3dnet.views import TrainClip, train_clip
+
+TINY_CLIP = TrainClip(frames=4, stride=12, crop=64, jitter=(73, 91))
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    weights, classes = tiny_native(root)
+    train = make_dataset(root / "train", videos_per_class=4, seconds=1.0, seed=3)
+    val = make_dataset(root / "val", videos_per_class=2, seconds=1.0, seed=4)
+    return root, weights, classes, train, val
+
+
+def train_cli(setup, out, *extra):
+    _, weights, _, train, val = setup
+    return [sys.executable, "-m", "x3dnet", "train", "--data", str(train.videos), "--val", str(val.videos),
+            "--weights", str(weights), "--out", str(out), "--no-progress", "--batch-size", "4", "--workers", "1",
+            *map(str, extra)]
+
+
+def state_of(path):
+    return safetensors.torch.load_file(str(path))
+
+
+def test_training_clips_follow_the_recipe_and_the_seed(setup):
+    _, _, _, train, _ = setup
+    video = train.videos / "moving_east" / sorted(os.listdir(train.videos / "moving_east"))[0]
+    a, _ = train_clip(video, TINY_CLIP, np.random.default_rng([1, 2]))
+    b, _ = train_clip(video, TINY_CLIP, np.random.default_rng([1, 2]))
+    assert a.shape == (3, 4, 64, 64) and a.dtype == torch.float32
+    assert torch.equal(a, b)  # a function of the generator's seed alone
+    clips = [train_clip(video, TINY_CLIP, np.random.default_rng([1, k]))[0] for k in range(6)]
+    assert len({c.sum().item() for c in clips}) == 6  # other seeds: other windows, sizes, crops, flips
+    # A flip is a mirror image of the same clip: the same draws with the flip turned off.
+    flipped = next(k for k in range(20) if np.random.default_rng([1, k]).uniform(size=5)[4] < 0.5)
+    unflipped = next(k for k in range(20) if np.random.default_rng([1, k]).uniform(size=5)[4] >= 0.5)
+    for k, mirrored in ((flipped, True), (unflipped, False)):
+        on, _ = train_clip(video, TINY_CLIP, np.random.default_rng([1, k]))
+        off, _ = train_clip(video, TrainClip(4, 12, 64, (73, 91), flip=False), np.random.default_rng([1, k]))
+        assert torch.equal(on, off.flip(-1) if mirrored else off)
+    # Normalised with the recipe's mean and std: values of a uint8 frame land in [-2, 2.45].
+    assert -2.01 < a.min() and a.max() < 2.45
+
+
+def test_epochs_deal_full_batches_in_a_seeded_order():
+    one = epoch_batches(10, 4, seed=0, epoch=0)
+    assert len(one) == 2 and all(len(b) == 4 for b in one) and len({i for b in one for i in b}) == 8
+    assert one == epoch_batches(10, 4, seed=0, epoch=0)
+    assert one != epoch_batches(10, 4, seed=0, epoch=1) and one != epoch_batches(10, 4, seed=1, epoch=0)
+
+
+def test_recipes_scale_with_the_batch_and_the_run():
+    original = solver_for("original", epochs=300, batch_size=128)
+    assert (original.base_lr, original.warmup_epochs, original.warmup_start_lr) == (0.1, 35.0, 0.01)
+    small = solver_for("original", epochs=30, batch_size=8)
+    assert small.base_lr == pytest.approx(0.1 * 8 / 128) and small.warmup_epochs == pytest.approx(3.5)
+    tuned = solver_for("finetune", epochs=30, batch_size=16, lr=0.02)
+    assert (tuned.base_lr, tuned.warmup_epochs, tuned.warmup_start_lr) == (0.02, 1.0, 0.002)
+
+
+def test_classes_come_from_folders_or_the_lists_labels(setup, tmp_path):
+    _, _, _, train, _ = setup
+    assert training_classes(train.videos) == sorted(p.replace(" ", "_") for p in PATTERNS)
+    (tmp_path / "l.txt").write_text("a.mp4 2\nb.mp4 0\n")
+    assert training_classes(tmp_path / "l.txt") == ["0", "1", "2"]
+    (tmp_path / "n.txt").write_text("a.mp4 walking\nb.mp4 Running\n")
+    assert training_classes(tmp_path / "n.txt") == ["Running", "walking"]
+    data = read_dataset(train.videos, classes=training_classes(train.videos))
+    kept, held = split_dataset(data, 0.25, seed=0)
+    assert len(held) == 10 and len(kept) == 30  # one of each class's four
+    assert {s.label for s in held.samples} == set(range(10))
+    assert not {s.path for s in held.samples} & {s.path for s in kept.samples}
+    assert split_dataset(data, 0.25, seed=0)[1] == held and split_dataset(data, 0.25, seed=1)[1] != held
+
+
+def test_a_run_trains_writes_its_folder_and_its_checkpoints_name_the_classes(setup, tmp_path):
+    root, _, _, train, val = setup
+    out = tmp_path / "run"
+    done = subprocess.run(train_cli(setup, out, "--epochs", "3", "--lr", "0.05", "--no-flip", "--plot", out / "curves.png"),
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "Traceback" not in done.stderr and "epoch 3/3" in done.stderr
+    run = json.loads((out / "run.json").read_text())
+    assert run["classes"] == training_classes(train.videos) and run["recipe"] == "finetune" and run["epochs"] == 3
+    records = read_train_log(out / "train_log.jsonl")
+    steps = [r for r in records if r["type"] == "step"]
+    epochs = [r for r in records if r["type"] == "epoch"]
+    assert len(steps) == 3 * 10 and len(epochs) == 3  # 40 videos / batch 4
+    assert all(r["lr"] > 0 and np.isfinite(r["loss"]) for r in steps)
+    assert [r["precise_bn_batches"] for r in epochs] == [10, 10, 10]
+    assert epochs[-1]["best_val_top1"] == max(r["val_top1"] for r in epochs)
+    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    best = load_checkpoint(out / "best.safetensors")
+    assert best.classes == tuple(run["classes"]) and best.config.num_classes == 10 and best.recipe.train_crop == 64
+    # predict and evaluate name the classes from the file, without --labels or --classes.
+    video = sorted((val.videos / "moving_north").iterdir())[0]
+    shown = x3dnet("predict", video, "--weights", out / "best.safetensors", "--views", "1", "--top", "10")
+    assert shown.returncode == 0, shown.stderr
+    assert "moving_north" in shown.stdout and "moving_west" in shown.stdout
+    evaluated = x3dnet("evaluate", "--data", val.videos, "--weights", out / "best.safetensors", "--views", "1",
+                       "--out", tmp_path / "eval", "--no-progress", "--workers", "0")
+    assert evaluated.returncode == 0, evaluated.stderr
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert metrics["videos"] == 20
+    # The best epoch's validation is what evaluate measures with the same views on the same weights.
+    best_epoch = max(epochs, key=lambda r: r["val_top1"])
+    assert metrics["top1"] == pytest.approx(best_epoch["val_top1"])
+
+
+def test_resume_after_a_kill_ends_with_the_same_weights_bit_for_bit(setup, tmp_path):
+    args = ("--epochs", "2", "--lr", "0.05", "--checkpoint-minutes", "0.0001")
+    whole = subprocess.run(train_cli(setup, tmp_path / "whole", *args), capture_output=True, text=True)
+    assert whole.returncode == 0, whole.stderr
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(train_cli(setup, out, *args), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    deadline = time.monotonic() + 120
+    log = out / "train_log.jsonl"
+    while time.monotonic() < deadline:  # kill it part-way through the second epoch
+        if log.exists() and log.read_text().count('"type": "step"') >= 13:
+            break
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    with open(log, "a") as f:
+        f.write('{"type": "step", "epo')  # a line torn by the kill
+    saved = json.loads(safetensors.safe_open(str(out / "state.safetensors"), "pt").metadata()["x3dnet.train_state"])
+    assert saved["epoch"] == 1 and 0 < saved["step"] < 10  # a checkpoint within the second epoch
+    again = subprocess.run(train_cli(setup, out, *args), capture_output=True, text=True)
+    assert_one_line_error(again, "holds a training run already; add --resume")
+    resumed = subprocess.run(train_cli(setup, out, *args, "--resume"), capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resuming at epoch 2, step {saved['step']}" in resumed.stderr
+    a, b = state_of(tmp_path / "whole" / "last.safetensors"), state_of(out / "last.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert (read_train_log(out / "train_log.jsonl") == read_train_log(tmp_path / "whole" / "train_log.jsonl")
+            or _same_but_timing(out, tmp_path / "whole"))
+    other = subprocess.run(train_cli(setup, out, "--epochs", "3", "--lr", "0.05", "--resume"),
+                           capture_output=True, text=True)
+    assert_one_line_error(other, "differs in solver, epochs")
+
+
+def _same_but_timing(a, b) -> bool:
+    def strip(records):
+        return [{k: v for k, v in r.items() if k not in ("clips_per_s", "time_s")} for r in records]
+
+    return strip(read_train_log(a / "train_log.jsonl")) == strip(read_train_log(b / "train_log.jsonl"))
+
+
+def test_two_processes_with_sync_bn_give_one_process_weights(setup, tmp_path):
+    # From the original's initialisation (the fixture's random BN statistics make every step chaotic).
+    torch.manual_seed(0)
+    fresh = save_checkpoint(X3D(tiny_config("tiny_a")), tmp_path / "fresh.safetensors", recipe=TINY_RECIPE)
+    args = ("--epochs", "1", "--lr", "0.01", "--dropout", "0", "--sync-bn", "--batch-size", "8", "--weights", fresh)
+    one = subprocess.run(train_cli(setup, tmp_path / "one", *args), capture_output=True, text=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert one.returncode == 0, one.stderr
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          *train_cli(setup, tmp_path / "two", *args)[1:]],
+                         capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert two.returncode == 0, two.stderr
+    assert "over 2 processes" in two.stderr
+    a, b = state_of(tmp_path / "one" / "last.safetensors"), state_of(tmp_path / "two" / "last.safetensors")
+    start = load_checkpoint(fresh).state_dict
+    moved = 0.0
+    for k in a:
+        if a[k].is_floating_point():
+            scale = a[k].abs().max().clamp_min(1e-3)
+            assert ((a[k] - b[k]).abs().max() / scale).item() <= 1e-5, k
+            if k in start:
+                moved = max(moved, ((a[k] - start[k]).abs().max() / scale).item())
+    assert moved > 1e-3  # the steps moved the weights far more than the tolerance
+
+
+def test_failing_videos_are_skipped_counted_and_never_replaced(setup, tmp_path):
+    root, weights, classes, train, _ = setup
+    lines = train.slowfast.read_text().splitlines()
+    lines[3] = "missing/clip.mp4 3"
+    (tmp_path / "list.txt").write_text("\n".join(lines) + "\n")
+    import shutil
+    shutil.copytree(train.videos, tmp_path, dirs_exist_ok=True)
+    done = subprocess.run([sys.executable, "-m", "x3dnet", "train", "--data", tmp_path / "list.txt", "--classes",
+                           classes, "--weights", weights, "--epochs", "1", "--batch-size", "4", "--workers", "0",
+                           "--out", tmp_path / "run", "--no-progress"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.count("skipped (not decodable)") == 1 and "missing/clip.mp4" in done.stderr
+    epoch = [r for r in read_train_log(tmp_path / "run" / "train_log.jsonl") if r["type"] == "epoch"][0]
+    assert epoch["skipped_videos"] == 1
+    steps = [r for r in read_train_log(tmp_path / "run" / "train_log.jsonl") if r["type"] == "step"]
+    assert sorted(r["clips"] for r in steps)[0] == 3  # its batch went on one clip short, not refilled
+    # A list that is mostly unreadable stops with one line.
+    (tmp_path / "bad.txt").write_text("".join(f"nothing/{i}.mp4 {i % 10}\n" for i in range(20)))
+    bad = x3dnet("train", "--data", tmp_path / "bad.txt", "--classes", classes, "--weights", weights, "--epochs", "1",
+                 "--batch-size", "4", "--workers", "0", "--out", tmp_path / "bad", "--no-progress")
+    assert bad.returncode == 1 and "could not be decoded" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_freezing_keeps_what_it_says(setup, tmp_path):
+    from x3dnet.train import train
+
+    _, weights, _, train_set, _ = setup
+    start = load_checkpoint(weights).state_dict
+    for freeze in ("bn", "backbone"):
+        out = tmp_path / freeze
+        train(train_set.videos, weights=weights, epochs=1, batch_size=4, lr=0.05, workers=0, freeze=freeze, out=out,
+              progress=False, log=lambda line: None)
+        end = load_checkpoint(out / "last.safetensors").state_dict
+        for k, v in start.items():
+            same = torch.equal(end[k], v)
+            if freeze == "backbone":
+                assert same == (not k.startswith("fc2.")), k
+            elif "bn" in k:
+                assert same, k  # statistics and affine parameters alike
+        assert freeze == "bn" or not torch.equal(end["fc2.weight"], start["fc2.weight"])
+
+
+def test_bf16_needs_bf16_units(setup, tmp_path, monkeypatch):
+    from x3dnet import backends
+    from x3dnet.train import train
+
+    _, weights, _, train_set, _ = setup
+    for units, ok in ((frozenset({"FP32"}), False), (frozenset({"FP32", "BF16"}), True)):
+        monkeypatch.setattr(backends, "cpu_units", lambda units=units: units)
+        monkeypatch.setattr("x3dnet.train.cpu_units", lambda units=units: units)
+        if not ok:
+            with pytest.raises(Exception, match="no bf16 units"):
+                train(train_set.videos, weights=weights, epochs=1, batch_size=4, precision="bf16", workers=0,
+                      out=tmp_path / "no", progress=False, log=lambda line: None)
+            continue
+        summary = train(train_set.videos, weights=weights, epochs=1, batch_size=8, precision="bf16", workers=0,
+                        precise_bn_batches=1, out=tmp_path / "yes", progress=False, log=lambda line: None)
+        assert np.isfinite(summary["train_loss"])
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--epochs", "1"], "train needs --weights (to fine-tune) or --model"),
+    (["--model", "x3d_xs", "--val", "V", "--val-split", "0.1"], "give --val or --val-split, not both"),
+    (["--model", "x3d_xs", "--batch-size", "1000"], "fewer than one batch of 1000"),
+    (["--model", "x3d_q"], "unknown model 'x3d_q'"),
+    (["--model", "x3d_xs", "--precision", "fp16"], "fp16 training runs on CUDA only"),
+    (["--model", "x3d_xs", "--device", "cuda:7"], "device cuda:7"),
+])
+def test_bad_input_is_one_line(setup, tmp_path, capsys, args, message):
+    _, _, _, train_set, _ = setup
+    assert_one_line_error_here(capsys, ["train", "--data", train_set.videos, "--out", tmp_path / "r", "--no-progress",
+                                        *args], message)
