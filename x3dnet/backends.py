@@ -13,6 +13,8 @@ import copy
 import functools
 import importlib.util
 import os
+import subprocess
+import sys
 import tempfile
 import warnings
 from pathlib import Path
@@ -238,10 +240,17 @@ def cpu_units() -> frozenset[str]:
     """The precisions this CPU computes natively, as OpenVINO reports them (FP32, BF16, FP16, INT8, ...).
 
     CPUs differ: an AMD Zen 3 has no BF16, a Xeon with AVX-512 BF16 or AMX has it. This is the one probe
-    that decides what ``auto`` picks and what OpenVINO is allowed to run; the tests fake it to cover both."""
-    import openvino as ov
+    that decides what ``auto`` picks and what OpenVINO is allowed to run; the tests fake it to cover both.
 
-    return frozenset(ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
+    It asks in a child process: an OpenVINO core in this one makes every later fork (DataLoader workers)
+    crash. Without OpenVINO it says FP32 only."""
+    if not installed("openvino"):
+        return frozenset({"FP32"})
+    query = "import openvino as ov; print(' '.join(ov.Core().get_property('CPU', 'OPTIMIZATION_CAPABILITIES')))"
+    done = subprocess.run([sys.executable, "-c", query], capture_output=True, text=True, check=False)
+    if done.returncode:
+        raise BackendError(f"openvino cannot read this CPU's capabilities: {done.stderr.strip()[-200:]}")
+    return frozenset(done.stdout.split())
 
 
 def check_device(device: str) -> None:

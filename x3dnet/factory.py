@@ -43,7 +43,7 @@ def create_model(
     if weights is None:
         return X3D(config if num_classes is None else config.replace(num_classes=num_classes))
     ckpt = load_checkpoint(resolve_weights(weights))
-    return _loaded(config, ckpt, num_classes, match_clip=not {"frames", "train_crop"} & overrides.keys())
+    return loaded(config, ckpt, num_classes, match_clip=not {"frames", "train_crop"} & overrides.keys())
 
 
 def load_model(
@@ -57,6 +57,18 @@ def load_model(
     """
     if weights is None:
         weights = get_weights(name or DEFAULT_MODEL).name
+    config, recipe, ckpt = resolve_checkpoint(name, weights)
+    if recipe is None:
+        raise CheckpointError(f"{ckpt.path}: no recipe for {config.name}: the file records none")
+    return loaded(config, ckpt, None, match_clip=True).eval(), recipe
+
+
+def resolve_checkpoint(
+    name: str | None, weights: str | os.PathLike[str]
+) -> tuple[X3DConfig, Recipe | None, Checkpoint]:
+    """The config a checkpoint is loaded into, the recipe its weights were trained for (None where nothing
+    says), and the checkpoint: the variant ``name``, else the published record's, else the one the file
+    records; a file that cannot tell (XS, S and M share shapes) needs ``name``."""
     path = resolve_weights(weights)
     record = None if Path(weights).exists() else get_weights(str(weights))
     ckpt = load_checkpoint(path)
@@ -70,12 +82,11 @@ def load_model(
         raise CheckpointError(f"{ckpt.path}: the file does not say which model it holds "
                               f"({ckpt.describe()}); name it with --model")
     recipe = record.recipe if record is not None else ckpt.recipe or RECIPES.get(config.name)
-    if recipe is None:
-        raise CheckpointError(f"{ckpt.path}: no recipe for {config.name}: the file records none")
-    return _loaded(config, ckpt, None, match_clip=True).eval(), recipe
+    return config, recipe, ckpt
 
 
-def _loaded(config: X3DConfig, ckpt: Checkpoint, num_classes: int | None, *, match_clip: bool) -> X3D:
+def loaded(config: X3DConfig, ckpt: Checkpoint, num_classes: int | None, *, match_clip: bool = True) -> X3D:
+    """``config`` with ``ckpt``'s weights, strictly; a ``num_classes`` other than the file's gets a new classifier."""
     file_classes = ckpt.num_classes or config.num_classes
     model = X3D(config.replace(num_classes=num_classes or file_classes))
     classifier = num_classes in (None, file_classes)

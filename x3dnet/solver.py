@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from .errors import ConfigError, require_float, require_int
+from .errors import ConfigError, require_float
 
 # The original's configs give lrs per 8-GPU machine of 128 clips (64 for X3D-L, at half the lr): the same
 # 0.1 per 128 clips everywhere, scaled linearly with the global batch.

@@ -116,7 +116,8 @@ def _write_clip(path: Path, pattern: int, *, seconds: float, fps: int, size: tup
     background = rng.integers(0, 96, (height // 8 + 1, width // 8 + 1, 3), dtype=np.uint8)
     background = background.repeat(8, 0).repeat(8, 1)[:height, :width]  # (H, W, 3): coarse texture
     colour = rng.integers(160, 256, 3, dtype=np.uint8)
-    x0, y0 = rng.uniform(0, width - side), rng.uniform(0, height - side)
+    # Near the middle: training crops (random, 60-90% of the short side) and centre test crops keep it in view.
+    x0, y0 = rng.uniform(0.3, 0.7) * (width - side), rng.uniform(0.3, 0.7) * (height - side)
     # A third to two thirds of the short side per second: a clip of X3D-XS (4 frames 12 apart) sees the
     # square move 12 to 25% of the frame between its frames, so every clip shows its class's direction.
     speed = rng.uniform(1 / 3, 2 / 3) * min(width, height) / fps  # pixels per frame

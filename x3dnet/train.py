@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import math
 import os
 import sys
 import time
@@ -36,20 +35,28 @@ from torch.utils.data import Dataset as TorchDataset
 from tqdm import tqdm
 
 from . import __version__
-from .backends import check_device, cpu_units
-from .checkpoint import load_checkpoint, load_weights, save_checkpoint
+from .backends import check_device
+from .checkpoint import save_checkpoint
 from .datasets import Dataset, read_dataset, training_classes
 from .errors import CheckpointError, ConfigError, X3DNetError
-from .evaluate import _distributed, _worker_init, _broadcast, validate
+from .evaluate import _broadcast, _distributed, _worker_init, validate
+from .factory import loaded, resolve_checkpoint
 from .model import X3D, get_config
 from .paths import write_atomic, write_atomic_with
 from .predict import read_labels
 from .recipe import RECIPES, Recipe
 from .runs import lock_folder
-from .solver import (REFERENCE_BATCH, SolverConfig, build_optimizer, convert_sync_bn, freeze_bn, lr_at, precise_bn,
-                     set_lr)
+from .solver import (
+    REFERENCE_BATCH,
+    SolverConfig,
+    build_optimizer,
+    convert_sync_bn,
+    freeze_bn,
+    lr_at,
+    precise_bn,
+    set_lr,
+)
 from .views import TrainClip, train_clip, view_recipe
-from .weights import get_weights, resolve_weights
 
 __all__ = ["SolverConfig", "build_optimizer", "lr_at", "solver_for", "train"]
 
@@ -184,8 +191,11 @@ def train(
         raise ConfigError(f"precision must be fp32, bf16 or fp16, not {precision!r}")
     if precision == "fp16" and not device.startswith("cuda"):
         raise ConfigError("fp16 training runs on CUDA only; on a CPU use bf16 (where it has bf16 units) or fp32")
-    if precision == "bf16" and device == "cpu" and "BF16" not in cpu_units():
-        raise ConfigError("bf16: this CPU has no bf16 units (training would be slower than fp32); use fp32")
+    if precision == "bf16" and not device.startswith("cuda"):
+        # Measured with torch 2.13 on a Xeon with AVX-512 BF16 and AMX: X3D-XS's bf16 autocast backward
+        # crashed or hung in 3 of 3 runs (benchmarks/bench_train.py); refused until that is resolved.
+        raise ConfigError("bf16 training runs on CUDA only: on the CPU torch's bf16 backward of X3D crashed or "
+                          "hung here; use fp32")
     if freeze not in FREEZE:
         raise ConfigError(f"freeze must be one of {', '.join(FREEZE)}, not {freeze!r}")
     if val is not None and val_split is not None:
@@ -212,31 +222,16 @@ def train(
             dist.destroy_process_group()
 
 
-def _network(model: str | None, weights, num_classes: int, dropout: float) -> tuple[X3D, Recipe, str | None, dict]:
-    """The network to train, its recipe, the weights file's sha256 and a description of where it starts."""
+def _network(model: str | None, weights, num_classes: int, dropout: float) -> tuple[X3D, Recipe | None, str | None, str]:
+    """The network to train, its recipe, the weights file's sha256, and where it starts from."""
     if weights is None:
         config = get_config(model, num_classes=num_classes, dropout=dropout)
-        recipe = RECIPES.get(config.name)
-        return X3D(config), recipe, None, {"start": "original initialisation"}
-    path = resolve_weights(weights)
-    record = None if Path(weights).exists() else get_weights(str(weights))
-    ckpt = load_checkpoint(path)
-    if model is not None:
-        config = get_config(model)
-    elif record is not None:
-        config = get_config(record.model)
-    elif ckpt.config is not None:
-        config = ckpt.config
-    else:
-        raise CheckpointError(f"{ckpt.path}: the file does not say which model it holds ({ckpt.describe()}); "
-                              "name it with --model")
-    recipe = record.recipe if record is not None else ckpt.recipe or RECIPES.get(config.name)
-    net = X3D(config.replace(num_classes=num_classes, dropout=dropout))
-    same = ckpt.num_classes == num_classes
+        return X3D(config), RECIPES.get(config.name), None, "the original initialisation"
+    config, recipe, ckpt = resolve_checkpoint(model, weights)
     # The backbone loads strictly: a missing or mis-shaped key is an error that names it.
-    load_weights(net, ckpt, classifier=same)
-    start = "its weights" + ("" if same else f" with a new {num_classes}-class classifier")
-    return net, recipe, _sha256(path), {"start": start}
+    net = loaded(config.replace(dropout=dropout), ckpt, num_classes)
+    same = ckpt.num_classes == num_classes
+    return net, recipe, _sha256(ckpt.path), "its weights" + ("" if same else f" with a new {num_classes}-class classifier")
 
 
 def _train(data, *, val, val_split, model, weights, classes, root, recipe, epochs, batch_size, lr, dropout, freeze,
@@ -396,7 +391,7 @@ def _run(net, dataset, val_set, view_set, clips, solver, identity, state, start,
         else:
             with open(out / LOG, "r+b") as f:  # lines written after the checkpoint are written again
                 f.truncate(state["log_bytes"])
-        log(f"{net.config.name} from {start['start']}: {len(dataset)} training videos of {len(identity['classes'])} "
+        log(f"{net.config.name} from {start}: {len(dataset)} training videos of {len(identity['classes'])} "
             f"classes" + (f", {len(val_set)} for validation ({view_set.describe()})" if val_set else ", no validation"))
         log(f"{epochs} epochs of {steps} steps, global batch {batch_size}" + (f" over {world} processes" if world > 1
             else "") + f"; {identity['recipe']} recipe: lr {solver.base_lr:.4g}, warm-up {solver.warmup_epochs:.3g} "
@@ -431,16 +426,17 @@ def _run(net, dataset, val_set, view_set, clips, solver, identity, state, start,
                                     shape=(3, clips.frames, clips.crop, clips.crop))
                 n = 0 if x is None else len(indices)
                 totals += (loss * n, right, n)
+                clips_now = n
                 if world > 1:  # the step's loss over the global batch, as one process would log it
                     both = torch.tensor([loss * n, n], dtype=torch.float64)
                     dist.all_reduce(both)
-                    loss = (both[0] / both[1]).item() if both[1] else 0.0
-                rate = n * world / max(time.perf_counter() - tick, 1e-9)
+                    loss, clips_now = (both[0] / both[1]).item() if both[1] else 0.0, int(both[1])
+                rate = clips_now / max(time.perf_counter() - tick, 1e-9)
                 bar.update(1)
                 bar.set_postfix_str(f"loss {loss:.3f} lr {lr:.3g} {rate:.1f} clips/s", refresh=False)
                 if rank == 0:
-                    _append(out, {"type": "step", "epoch": epoch + 1, "step": step + 1, "lr": lr,
-                                  "loss": round(loss, 6), "clips": n * world if world == 1 else int(both[1]), "clips_per_s": round(rate, 3)})
+                    _append(out, {"type": "step", "epoch": epoch + 1, "step": step + 1, "lr": lr, "loss": round(loss, 6),
+                                  "clips": clips_now, "clips_per_s": round(rate, 3)})
                 if checkpoint_minutes and time.monotonic() - last_save > 60 * checkpoint_minutes and step + 1 < steps:
                     _checkpoint(out, net, optimizer, epoch, step + 1, best, failed, rank, world, totals)
                     last_save = time.monotonic()
@@ -457,8 +453,8 @@ def _run(net, dataset, val_set, view_set, clips, solver, identity, state, start,
             precise = epoch_batches(len(dataset), batch_size, seed=seed, epoch=epoch, stream=_PRECISE_ORDER)
             precise = [b[rank * per_rank:(rank + 1) * per_rank] for b in precise[:precise_bn_batches]]
             loader = _loader(dataset, clips, precise, seed=seed, epoch=epoch, stream=_PRECISE_CLIP, workers=workers)
-            with autocast:
-                used = precise_bn(ddp, (x.to(device) for _, x, _ in loader if x is not None), limit=precise_bn_batches)
+            with autocast:  # the model itself, not DDP (which would broadcast rank 0's statistics at each forward)
+                used = precise_bn(net, _everywhere(loader, device, world), limit=precise_bn_batches)
         metrics = None
         if rank == 0 and val_set is not None:
             net.eval()
@@ -490,6 +486,17 @@ def _run(net, dataset, val_set, view_set, clips, solver, identity, state, start,
         summary = ends[-1] if ends else {}
         log(f"{out}: the run had finished all {epochs} epochs already")
     return summary
+
+
+def _everywhere(loader: DataLoader, device: str, world: int):
+    """The batches of ``loader`` that have clips on every process (synchronised BN's forwards are collective:
+    every process must run the same ones)."""
+    for _, x, _ in loader:
+        present = torch.tensor([0 if x is None else 1])
+        if world > 1:
+            dist.all_reduce(present, op=dist.ReduceOp.MIN)
+        if present.item():
+            yield x.to(device)
 
 
 class _OnDevice:

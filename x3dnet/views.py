@@ -273,7 +273,7 @@ def train_clip(path: str | os.PathLike[str], recipe: TrainClip, rng: np.random.G
     draw comes from ``rng``, in a fixed order whatever the video, so a clip is a function of the
     generator's seed alone.
     """
-    where, size = rng.uniform(), int(round(rng.uniform(*recipe.jitter)))
+    where, size = rng.uniform(), round(rng.uniform(*recipe.jitter))
     corner, flip = rng.uniform(size=2), rng.uniform() < 0.5
     info = probe(path)
     if info.still:
