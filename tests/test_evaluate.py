@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import math
 import os
 import shutil
 import signal
@@ -291,29 +292,41 @@ def test_synthesize_writes_every_list_format(tmp_path):
         name.replace(" ", "_") for name in PATTERNS)
 
 
-def test_patterns_are_motion(setup):
-    """The classes differ in motion: the square's centre moves along its class's direction."""
+def test_patterns_are_motion(tmp_path):
+    """Each class is its pattern: the square moves along its class's direction or the mirror image of it,
+    blinks, stays, grows, shrinks or changes colour (and nothing else changes)."""
     import av
 
-    _, _, data = setup
-    for line in data.slowfast.read_text().splitlines()[::3]:
+    from x3dnet.synthetic import DIRECTIONS
+
+    data = make_dataset(tmp_path, videos_per_class=3, seconds=0.6, seed=1)
+    for line in data.slowfast.read_text().splitlines():
         video, label = line.split()
         with av.open(str(data.videos / video)) as c:
             frames = [torch.from_numpy(f.to_ndarray(format="rgb24")).float() for f in c.decode(video=0)]
-        centres = []
-        for f in frames[:6]:
-            ys, xs = torch.nonzero(f.min(2).values > 150, as_tuple=True)
-            centres.append((xs.float().mean().item(), ys.float().mean().item()) if len(xs) else None)
+        squares = []  # (centre x, centre y, area, mean colour) of the square, or None where it is not shown
+        for f in frames[:16]:
+            ys, xs = torch.nonzero(f.max(2).values > 130, as_tuple=True)  # the background stays below 96
+            squares.append((xs.float().mean().item(), ys.float().mean().item(), len(xs), f[ys, xs].mean(0))
+                           if len(xs) else None)
+        first, last = squares[0], squares[15]
         pattern = PATTERNS[int(label)]
+        moved = math.hypot(last[0] - first[0], last[1] - first[1]) if first and last else None
         if pattern == "blinking":
-            assert centres[0] is not None and centres[5] is None
-        elif pattern == "still":
-            assert abs(centres[5][0] - centres[0][0]) < 1 and abs(centres[5][1] - centres[0][1]) < 1
+            assert first is not None and squares[5] is None and squares[10] is not None, pattern
+            continue
+        assert first is not None and last is not None, pattern
+        if pattern in DIRECTIONS:
+            assert moved > 3, (pattern, moved)  # half a second at 1/8 to 1/4 of the short side per second
+            angle = math.degrees(math.atan2(-(last[1] - first[1]), abs(last[0] - first[0])))  # mirrored to the right
+            assert abs(angle - DIRECTIONS[pattern]) < 20, (pattern, angle)
         else:
-            dx, dy = centres[3][0] - centres[0][0], centres[3][1] - centres[0][1]  # 3 frames: a few pixels
-            angle = (np.degrees(np.arctan2(-dy, dx)) + 360) % 360
-            expected = 45 * int(label)
-            assert min(abs(angle - expected), 360 - abs(angle - expected)) < 30, (pattern, angle)
+            assert moved < 1, (pattern, moved)
+            grown = last[2] / first[2]
+            assert (grown > 1.2 if pattern == "growing" else grown < 0.85 if pattern == "shrinking" else
+                    0.95 < grown < 1.05), (pattern, grown)
+            recoloured = (last[3] - first[3]).abs().max().item()
+            assert (recoloured > 40) == (pattern == "changing colour"), (pattern, recoloured)
 
 
 def test_a_run_folder_belongs_to_one_process(setup, tmp_path):

@@ -52,7 +52,7 @@ def state_of(path):
 
 def test_training_clips_follow_the_recipe_and_the_seed(setup):
     _, _, _, train, _ = setup
-    video = train.videos / "moving_east" / min(os.listdir(train.videos / "moving_east"))
+    video = train.videos / "moving_sideways" / min(os.listdir(train.videos / "moving_sideways"))
     a, _ = train_clip(video, TINY_CLIP, np.random.default_rng([1, 2]))
     b, _ = train_clip(video, TINY_CLIP, np.random.default_rng([1, 2]))
     assert a.shape == (3, 4, 64, 64) and a.dtype == torch.float32
@@ -122,10 +122,10 @@ def test_a_run_trains_writes_its_folder_and_its_checkpoints_name_the_classes(set
     best = load_checkpoint(out / "best.safetensors")
     assert best.classes == tuple(run["classes"]) and best.config.num_classes == 10 and best.recipe.train_crop == 64
     # predict and evaluate name the classes from the file, without --labels or --classes.
-    video = min((val.videos / "moving_north").iterdir())
+    video = min((val.videos / "moving_up").iterdir())
     shown = x3dnet("predict", video, "--weights", out / "best.safetensors", "--views", "1", "--top", "10")
     assert shown.returncode == 0, shown.stderr
-    assert "moving_north" in shown.stdout and "moving_west" in shown.stdout
+    assert "moving_up" in shown.stdout and "changing_colour" in shown.stdout
     evaluated = x3dnet("evaluate", "--data", val.videos, "--weights", out / "best.safetensors", "--views", "1",
                        "--backend", "torch", "--out", tmp_path / "eval", "--no-progress", "--workers", "0")
     assert evaluated.returncode == 0, evaluated.stderr

@@ -1,13 +1,17 @@
 """A small labelled video dataset written with PyAV, for trying ``x3dnet evaluate`` without Kinetics.
 
-Each class is a motion pattern: a bright square crossing a textured background in one of eight directions,
-a blinking square, or a still one; videos of one class differ in position, speed, colour and texture. The
+Each class is a motion pattern of a bright square on a textured background: moving sideways, up or down
+(straight or diagonally), blinking, still, growing, shrinking or changing colour; videos of one class differ
+in position, speed, direction (left or right), colour and texture. No class is the mirror image of another,
+so a training recipe that flips clips horizontally (the original's does) keeps every label true: with
+"moving east" and "moving west" as classes, half of the flipped clips would be labelled wrongly. The
 same clips are listed three ways: the original's ``path label`` list, an official-style Kinetics CSV, and
 the folder tree itself (one folder per class), so every list format can be evaluated on the same data.
 """
 
 from __future__ import annotations
 
+import colorsys
 import math
 import os
 import random
@@ -22,8 +26,11 @@ import numpy as np
 
 from .errors import ConfigError
 
-PATTERNS = ("moving east", "moving north-east", "moving north", "moving north-west", "moving west",
-            "moving south-west", "moving south", "moving south-east", "blinking", "still")
+PATTERNS = ("moving sideways", "moving up diagonally", "moving up", "moving down diagonally", "moving down",
+            "blinking", "still", "growing", "shrinking", "changing colour")
+# The direction of each moving pattern in degrees (0 is right, 90 up); its mirror image is as likely.
+DIRECTIONS = {"moving sideways": 0, "moving up diagonally": 45, "moving up": 90, "moving down diagonally": -45,
+              "moving down": -90}
 
 
 @dataclass(frozen=True)
@@ -112,29 +119,47 @@ def _check(root: Path, *, seconds: float, fps: int, size: tuple[int, int], video
 def _write_clip(path: Path, pattern: int, *, seconds: float, fps: int, size: tuple[int, int], grain: float,
                 rng: np.random.Generator) -> None:
     width, height = size
-    side = max(4, min(width, height) // 4)
+    short = min(width, height)
+    side = max(4, short // 4)
+    name = PATTERNS[pattern]
     background = rng.integers(0, 96, (height // 8 + 1, width // 8 + 1, 3), dtype=np.uint8)
     background = background.repeat(8, 0).repeat(8, 1)[:height, :width]  # (H, W, 3): coarse texture
     colour = rng.integers(160, 256, 3, dtype=np.uint8)
     # Near the middle: training crops (random, 60-90% of the short side) and centre test crops keep it in view.
-    x0, y0 = rng.uniform(0.3, 0.7) * (width - side), rng.uniform(0.3, 0.7) * (height - side)
-    # A third to two thirds of the short side per second: a clip of X3D-XS (4 frames 12 apart) sees the
-    # square move 12 to 25% of the frame between its frames, so every clip shows its class's direction.
-    speed = rng.uniform(1 / 3, 2 / 3) * min(width, height) / fps  # pixels per frame
-    angle = pattern * math.pi / 4
+    cx, cy = rng.uniform(0.35, 0.65) * width, rng.uniform(0.35, 0.65) * height  # the square's centre at t = 0
+    # An eighth to a quarter of the short side per second: between the frames of an X3D-XS clip (12 apart)
+    # the square moves a fifth to two fifths of its side, so its frames overlap and the direction shows in
+    # a 3x3x3 neighbourhood, and a 4-frame clip stays inside the crop.
+    speed = rng.uniform(1 / 8, 1 / 4) * short / fps  # pixels per frame
+    angle = math.radians(DIRECTIONS.get(name, 0))
+    if rng.random() < 0.5:
+        angle = math.pi - angle  # the mirror image: left instead of right
+    growth = rng.uniform(0.25, 0.5) * side / fps  # growing or shrinking: side change per frame
     with av.open(str(path), "w") as out:
         stream = out.add_stream("libx264", rate=fps)
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
         stream.options = {"preset": "ultrafast", "crf": "18"}
         for t in range(int(round(seconds * fps))):
             image = background.copy()
-            if pattern < 8:  # leaving on one side, coming back on the other: never reversing (as a bounce would)
-                x = _wrap(x0 + speed * t * math.cos(angle), width, side)
-                y = _wrap(y0 - speed * t * math.sin(angle), height, side)
+            x, y, s, shown = cx, cy, side, True
+            if name in DIRECTIONS:  # leaving on one side, coming back on the other: never reversing
+                x = _wrap(cx + speed * t * math.cos(angle), width, side)
+                y = _wrap(cy - speed * t * math.sin(angle), height, side)
+            elif name in ("growing", "shrinking"):  # from half to one and a half sides (or back), then again
+                span = side  # what the side changes by over one cycle
+                change = (growth * t) % span
+                s = side / 2 + (change if name == "growing" else span - change)
+            elif name == "blinking":
+                shown = (t // 5) % 2 == 0
+            if name == "changing colour":  # around the hue circle once every two seconds
+                paint = _hue_turned(colour, t / (2 * fps))
             else:
-                x, y = int(x0), int(y0)
-            if pattern != 8 or (t // 5) % 2 == 0:
-                image[max(y, 0):max(y + side, 0), max(x, 0):max(x + side, 0)] = colour
+                paint = colour
+            if shown:
+                half = s / 2
+                top, left = int(round(y - half)), int(round(x - half))
+                bottom, right = int(round(y + half)), int(round(x + half))
+                image[max(top, 0):max(bottom, 0), max(left, 0):max(right, 0)] = paint
             if grain:
                 image = np.clip(image + rng.normal(0, grain, image.shape), 0, 255).astype(np.uint8)
             for packet in stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
@@ -143,7 +168,15 @@ def _write_clip(path: Path, pattern: int, *, seconds: float, fps: int, size: tup
             out.mux(packet)
 
 
-def _wrap(position: float, size: int, side: int) -> int:
-    """The square's first row (or column) at ``position`` on a loop of ``size + side``: it slides out of
-    one border and back in from the opposite one; negative while it is partly out on the low side."""
-    return int((position + side) % (size + side)) - side
+def _hue_turned(colour: np.ndarray, turns: float) -> np.ndarray:
+    """``colour`` with its hue turned by ``turns`` of the circle, keeping its brightness and saturation."""
+    r, g, b = (float(v) / 255 for v in colour)
+    h, lightness, saturation = colorsys.rgb_to_hls(r, g, b)
+    return np.array([round(v * 255) for v in colorsys.hls_to_rgb((h + turns) % 1.0, lightness, max(saturation, 0.8))],
+                    dtype=np.uint8)
+
+
+def _wrap(centre: float, size: int, side: int) -> float:
+    """The square's centre at ``centre`` on a loop of ``size + side``: it slides out of one border and back
+    in from the opposite one."""
+    return (centre + side / 2) % (size + side) - side / 2
