@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from . import __version__
-from .backends import BACKENDS, PRECISIONS
+from .backends import BACKENDS, PRECISIONS, installed
 from .backends import export_model as export
 from .checkpoint import convert_checkpoint, load_checkpoint
 from .errors import X3DNetError
@@ -22,8 +22,9 @@ from .layouts import LAYOUTS
 from .paths import os_error_line
 from .predict import kinetics400_classes, predict, read_labels
 from .profile import cpu_name, plot, plot_path, profile, size_table
+from .streaming import STREAM_BACKENDS, StreamingX3D, stream_video
 from .synthetic import PATTERNS, make_dataset
-from .video import RESIZE_MODES
+from .video import RESIZE_MODES, VideoError
 from .views import PLACEMENTS, VIEW_PRESETS
 from .weights import WEIGHTS, cached_path, download_weights
 
@@ -145,7 +146,68 @@ def evaluate_list(args: argparse.Namespace) -> None:
     evaluate(args.data, model=args.model, weights=args.weights, root=args.root, classes=args.classes,
              views=args.views, placement=args.placement, resize=args.resize, batch_size=args.batch_size,
              workers=args.workers, out=out, resume=args.resume, save_scores=args.save_scores, device=args.device,
-             backend=args.backend, precision=args.precision, progress=not args.no_progress)
+             backend=args.backend, precision=args.precision, progress=not args.no_progress,
+             stream=_stream_options(args) if args.stream else None)
+
+
+def _stream_options(args: argparse.Namespace) -> dict:
+    return {"pool_frames": args.pool_frames, "se": args.se, "fill": args.fill}
+
+
+def stream_source(args: argparse.Namespace) -> int:
+    from .overlay import AnnotatedVideo  # Pillow, only for --out
+
+    net, recipe = load_model(args.model, weights=args.weights)
+    labels = read_labels(args.labels) if args.labels else list(net.class_names) if net.class_names else None
+    classes = net.config.num_classes
+    if labels is None and classes == 400:
+        labels = kinetics400_classes()
+    if labels is not None and len(labels) != classes:
+        raise X3DNetError(f"{args.labels}: {len(labels)} labels for a model with {classes} classes")
+    names = labels or [str(i) for i in range(classes)]
+    backend = args.backend
+    if backend == "auto":
+        backend = "openvino" if args.device == "cpu" and installed("openvino") else "torch"
+    stream = StreamingX3D(net, device=args.device, backend=backend, **_stream_options(args))
+    writer = AnnotatedVideo(args.out) if args.out else None  # refuses a bad path before decoding
+    steps = 0
+    top: list[tuple[str, float]] = []
+    try:
+        for s in stream_video(stream, args.source, recipe, timeout=args.timeout):
+            if s.frame == 0:  # the source opened: say what runs on it
+                print(f"{args.source}: {net.config.name}, {stream.describe()}; one step every {recipe.stride} "
+                      f"frames at {recipe.target_fps:g} fps", file=sys.stderr, flush=True)
+            for step in s.steps:
+                steps = step + 1
+                if s.probs is None:
+                    continue
+                scores, indices = s.probs.topk(min(args.top, classes))
+                best = [{"label": names[i], "index": i, "score": round(p, 6)}
+                        for p, i in zip(scores.tolist(), indices.tolist(), strict=True)]
+                top = [(b["label"], b["score"]) for b in best[:3]]
+                if args.json:
+                    print(json.dumps({"time": round(s.time, 3), "frame": s.frame, "step": step, "top5": best[:5],
+                                      "scores": [round(p, 6) for p in s.probs.tolist()]}), flush=True)
+                elif (step - stream.delay) % args.every == 0:
+                    shown = ", ".join(f"{b['score']:.1%} {b['label']}" for b in best)
+                    print(f"{s.time:8.2f} s  step {step:>5}  {shown}", flush=True)
+            if writer is not None:
+                caption = f"{s.time:.2f} s  step {steps}" + ("" if top else f"  (predicting from step {stream.delay})")
+                writer.write(s.image, top, caption, fps=s.fps)
+    except VideoError as e:
+        if steps == 0:
+            raise
+        print(f"x3dnet: error: the stream stopped after {steps} steps: {e}", file=sys.stderr, flush=True)
+        return 1
+    finally:
+        written = writer.close() if writer is not None else None
+        if written is not None:
+            print(f"wrote {written}", file=sys.stderr, flush=True)
+    if steps <= stream.delay:
+        print(f"x3dnet: error: {args.source} ended after {steps} steps, before the first prediction (at step "
+              f"{stream.delay})", file=sys.stderr, flush=True)
+        return 1
+    return 0
 
 
 def train_videos(args: argparse.Namespace) -> None:
@@ -267,6 +329,15 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _stream_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--pool-frames", type=_positive, metavar="P",
+                   help="the head averages the last P frames (default: the training clip's T; co3d's X64: 64)")
+    p.add_argument("--se", choices=("frame", "clip"), default="frame",
+                   help="squeeze-excitation over the current frame (default, co3d's) or the last P frames")
+    p.add_argument("--fill", choices=("zeros", "replicate"), default="replicate",
+                   help="what the temporal state holds before the first frame (default replicate, co3d's test)")
+
+
 def _emit(rows: list[dict[str, object]], as_json: bool) -> None:
     print("\n".join(json.dumps(r) for r in rows) if as_json else _table(rows))
 
@@ -345,7 +416,29 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     _engine_flags(p, default_backend="auto")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--stream", action="store_true",
+                   help="score each video as co3d scores a continual X3D: its frames from the start through a "
+                        "stream (see x3dnet stream), the prediction after co3d's warm-up")
+    _stream_flags(p)
     p.set_defaults(run=evaluate_list)
+
+    p = verbs.add_parser("stream", help="a prediction for every frame of a video or a live source (continual X3D)")
+    p.add_argument("source", help="a video file, or a live source FFmpeg opens (rtsp://, http://, ...)")
+    p.add_argument("--model", help="variant (default: the weights' own, else x3d_m)")
+    p.add_argument("--weights", help="a checkpoint file or a published name (default: the model's SlowFast weights)")
+    _stream_flags(p)
+    p.add_argument("--every", type=_positive, default=8, help="print the top classes every N steps (default 8)")
+    p.add_argument("--top", type=_positive, default=5, help="classes to show (default 5)")
+    p.add_argument("--labels", help="class names, one per line (default: the weights' own, else Kinetics-400)")
+    p.add_argument("--json", action="store_true", help="one JSON object per step: time, frame, step, top5, scores")
+    p.add_argument("--out", metavar="FILE.mp4", help="also write the video with the top-3 classes drawn on each frame")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    p.add_argument("--backend", choices=("auto", *STREAM_BACKENDS), default="auto",
+                   help="torch (eager) or openvino (the steady-state step compiled; CPU); default auto: openvino "
+                        "where installed")
+    p.add_argument("--timeout", type=_positive_float, default=10.0,
+                   help="seconds a live source may stay silent before it counts as broken (default 10)")
+    p.set_defaults(run=stream_source)
 
     p = verbs.add_parser("train", help="fine-tune (or train from scratch) on labelled videos: the original's recipe, "
                                        "resumable; torchrun runs it data-parallel")

@@ -35,6 +35,7 @@ from .errors import ConfigError, X3DNetError
 from .factory import DEFAULT_MODEL, load_model
 from .predict import kinetics400_classes, read_labels
 from .runs import LOG, log_line, log_path, open_run, start_run, write_results
+from .streaming import ClipScorer, StreamingX3D, warmup_frames
 from .views import ViewRecipe, Views, make_views, view_recipe
 from .weights import get_weights, resolve_weights
 
@@ -94,6 +95,7 @@ def evaluate(
     precision: str = "fp32",
     progress: bool = True,
     log: Callable[[str], None] | None = None,
+    stream: dict | None = None,
 ) -> dict:
     """Evaluate the videos ``data`` lists (see ``x3dnet.datasets.read_dataset``) and return the metrics.
 
@@ -101,6 +103,12 @@ def evaluate(
     for ``placement``. ``classes`` (a file, a list, or by default Kinetics-400 for a 400-class model) maps
     label names to indices. With ``out`` every result is saved as it is made; ``resume`` continues a run
     saved there. Run under ``torchrun`` to shard the videos over processes; every rank returns the metrics.
+
+    ``stream``: score each video as co3d scores its continual networks instead (``x3dnet.streaming``): a
+    dict of ``StreamingX3D``'s options (``pool_frames``, ``se``, ``fill``); one clip from the video's start
+    at the recipe's stride, as long as co3d's warm-up plus one frame (the last frame repeated where the
+    video is shorter), short side and centre crop at the training crop, through a clean stream, scored at
+    its last step.
     """
     log = log or (lambda line: print(line, file=sys.stderr, flush=True))
     check_device(device)
@@ -113,7 +121,7 @@ def evaluate(
             resize=resize, batch_size=batch_size, workers=workers, out=Path(out) if out is not None else None,
             resume=resume, save_scores=save_scores, device=device, backend=backend, precision=precision,
             progress=progress and rank == 0, log=log if rank == 0 else (lambda line: None),
-            rank=rank, world=world, local_world=local_world,
+            rank=rank, world=world, local_world=local_world, stream=stream,
         )
     finally:
         if owned:
@@ -138,17 +146,21 @@ def _distributed(device: str) -> tuple[int, int, int, int, bool]:
 
 
 def _evaluate(data, *, model, weights, root, classes, views, placement, resize, batch_size, workers, out, resume,
-              save_scores, device, backend, precision, progress, log, rank, world, local_world) -> dict:
+              save_scores, device, backend, precision, progress, log, rank, world, local_world, stream) -> dict:
     source = weights if weights is not None else get_weights(model or DEFAULT_MODEL).name
     # Rank 0 first: one download into the shared cache, not one per process.
     net, recipe = _rank0_first(lambda: load_model(model, weights=source), rank, world)
     weights_path = resolve_weights(source)
     names = _class_names(classes if classes is not None else net.class_names, net.config.num_classes)
     dataset = read_dataset(data, classes=names, root=root)
-    try:
-        view_set = view_recipe(recipe, views, placement=placement, resize=resize)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
+    streaming = None
+    if stream is not None:
+        streaming, view_set = _streaming(net, recipe, stream, backend=backend, precision=precision, device=device)
+    else:
+        try:
+            view_set = view_recipe(recipe, views, placement=placement, resize=resize)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     identity = {
         "data": str(dataset.source), "data_format": dataset.format, "data_sha256": dataset.sha256,
         # Where the list's paths lead, resolved: another --root is another set of files.
@@ -158,6 +170,8 @@ def _evaluate(data, *, model, weights, root, classes, views, placement, resize, 
         "recipe": json.loads(json.dumps(dataclasses.asdict(view_set))), "views": view_set.views, "precision": precision,
         "save_scores": save_scores,
     }
+    if streaming is not None:
+        identity["stream"] = {"pool_frames": streaming.pool_frames, "se": streaming.se, "fill": streaming.fill}
 
     # Rank 0 reads what earlier runs finished and tells the others, or tells them why it cannot start.
     error, done, lock = None, {}, None
@@ -170,14 +184,15 @@ def _evaluate(data, *, model, weights, root, classes, views, placement, resize, 
         return _evaluate_locked(
             net, dataset, view_set, identity, weights_path, done, error, out=out, batch_size=batch_size,
             workers=workers, save_scores=save_scores, device=device, backend=backend, precision=precision,
-            progress=progress, log=log, rank=rank, world=world, local_world=local_world)
+            progress=progress, log=log, rank=rank, world=world, local_world=local_world, streaming=streaming)
     finally:
         if lock is not None:
             lock.release()
 
 
 def _evaluate_locked(net, dataset, view_set, identity, weights_path, done, error, *, out, batch_size, workers,
-                     save_scores, device, backend, precision, progress, log, rank, world, local_world) -> dict:
+                     save_scores, device, backend, precision, progress, log, rank, world, local_world,
+                     streaming=None) -> dict:
     """The run itself, while rank 0 holds the run folder's lock (``error``: why rank 0 could not open it)."""
     error, finished = _broadcast((error, sorted(done)), world)
     if error:
@@ -196,10 +211,16 @@ def _evaluate_locked(net, dataset, view_set, identity, weights_path, done, error
                         num_workers=workers, prefetch_factor=2 if workers else None, worker_init_fn=_worker_init)
     items = iter(loader)
     threads = max(1, (os.cpu_count() or 1) // local_world) if local_world > 1 and device == "cpu" else None
-    engine = create_engine(net, backend=backend, device=device, precision=precision,
-                           input_shape=(view_set.frames, view_set.crop, view_set.crop), threads=threads)
+    if streaming is not None:
+        if threads:
+            torch.set_num_threads(threads)
+        engine = ClipScorer(streaming)
+    else:
+        engine = create_engine(net, backend=backend, device=device, precision=precision,
+                               input_shape=(view_set.frames, view_set.crop, view_set.crop), threads=threads)
     if rank == 0:
-        log(f"engine: {engine.describe()}" + (f", max |dp| vs eager {engine.parity:.1e}" if engine.parity else ""))
+        parity = getattr(engine, "parity", None)
+        log(f"engine: {engine.describe()}" + (f", max |dp| vs eager {parity:.1e}" if parity else ""))
 
     if rank == 0 and out:
         start_run(out, identity)
@@ -229,6 +250,19 @@ def _evaluate_locked(net, dataset, view_set, identity, weights_path, done, error
         raise X3DNetError(f"no video could be evaluated: all {metrics['failed']} failed"
                           + (f" (their reasons are in {out / 'metrics.json'})" if out is not None else ""))
     return metrics
+
+
+def _streaming(net, recipe, options: dict, *, backend: str, precision: str, device: str):
+    """The stream ``evaluate --stream`` scores with, and the one clip per video it is fed."""
+    if backend not in ("auto", "torch") or precision != "fp32":
+        raise ConfigError("evaluate --stream runs eager PyTorch in fp32, batched over time and videos "
+                          f"(not {backend} {precision})")
+    stream = StreamingX3D(net, device=device, **options)
+    crop = recipe.train_crop
+    view_set = ViewRecipe(frames=warmup_frames(stream) + 1, stride=recipe.stride, short_side=crop, crop=crop,
+                          clips=1, crops=1, placement="slowfast", resize="bilinear", target_fps=recipe.target_fps,
+                          mean=recipe.mean, std=recipe.std)
+    return stream, view_set
 
 
 def validate(model, dataset: Dataset, view_set: ViewRecipe, *, batch_size: int = 8, workers: int = 0,

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable, Sequence
+import re
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
 
@@ -254,6 +255,57 @@ def read_segments(
         for i in active:  # windows still open at the end of the stream
             segments[i] = collectors[i].finish(convert_once)
     return Decoded(segments, sorted(set(corrupt)))
+
+
+URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+class FrameSource:
+    """Every frame of a video file or a live source (``rtsp://``, ``http://``, ... as FFmpeg opens them),
+    decoded one at a time, in order: iterate for ``(ordinal, seconds, frame)``. ``timeout``: seconds a live
+    source may stay silent (opening, then between packets) before it counts as broken, not a hang."""
+
+    def __init__(self, source: str | os.PathLike[str], *, threads: int = 0, timeout: float = 10.0) -> None:
+        self.source = str(source)
+        if URL.match(self.source) and not self.source.startswith("file:"):
+            try:
+                self.container = av.open(self.source, timeout=timeout, metadata_errors="ignore")
+            except (av.FFmpegError, UnicodeDecodeError, OSError) as e:
+                raise VideoError(f"{self.source}: cannot be opened ({_reason(e)})") from None
+            if not self.container.streams.video:
+                self.container.close()
+                raise VideoError(f"{self.source}: has no video stream")
+        else:
+            self.container = _open(source).container
+        try:
+            self.info = _info(self.source, self.container)
+        except VideoError:
+            self.container.close()
+            raise
+        if self.info.still:
+            self.container.close()
+            raise VideoError(f"{self.source}: a still image (or a video of one frame), not a video")
+        self.stream = self.container.streams.video[0]
+        _threads(self.stream, threads)
+
+    def __iter__(self) -> Iterator[tuple[int, float, av.VideoFrame]]:
+        size, base, start = None, self.info.time_base, self.info.start
+        for ordinal, frame in enumerate(_decode(self.source, self.container, self.stream)):
+            size = size or (frame.width, frame.height)
+            if (frame.width, frame.height) != size:
+                raise VideoError(f"{self.source}: the frame size changes within the video (from {size[0]}x"
+                                 f"{size[1]} to {frame.width}x{frame.height} at frame {ordinal})")
+            seconds = float((frame.pts - start) * base) if frame.pts is not None and base else ordinal / self.info.fps
+            yield ordinal, seconds, frame
+
+    def close(self) -> None:
+        self.container.close()
+
+    def __enter__(self) -> FrameSource:  # noqa: PYI034 - typing.Self needs Python 3.11
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def count_frames(path: str | os.PathLike[str], *, threads: int = 0) -> int:

@@ -1,0 +1,88 @@
+"""Streaming X3D against the clip model, per prediction, in one run on this machine (batch 1).
+
+    python benchmarks/bench_stream.py [--models x3d_s x3d_m] [--steps 60] [--clips 6]
+
+Per model (random weights; speed does not depend on them): the multiply-adds of one steady-state step
+(FlopCounterMode: conv and linear layers, as the clip models' GMACs are counted; co3d measured 166.6 M
+for S and 325.5 M for M), steady-state steps/s of the stream on eager PyTorch and on the default engine
+(OpenVINO where installed), the clip model's clips/s on the same engines (when every prediction needs a
+clip, clips/s is predictions/s), their ratio (target: at least 8x for X3D-M on the default engine), and
+the latency of a step (median and 99th percentile). Rows are measured one after another in this
+process; run it on a quiet machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from x3dnet import create_model
+from x3dnet.backends import create_engine, installed
+from x3dnet.profile import cpu_name
+from x3dnet.streaming import StreamingX3D
+
+
+def step_macs(stream: StreamingX3D, frame: torch.Tensor) -> float:
+    with FlopCounterMode(display=False) as counter:
+        stream.step(frame)
+    return counter.get_total_flops() / 2
+
+
+def stream_rate(model, backend: str, steps: int) -> tuple[float, float, float, StreamingX3D]:
+    """(steps/s, median ms, p99 ms) of steady-state steps, and the stream."""
+    stream = StreamingX3D(model, backend=backend)
+    crop = model.config.train_crop
+    frames = torch.randn(8, 1, 3, crop, crop, generator=torch.Generator().manual_seed(0))
+    for t in range(stream.delay + 4):  # past the delay: the engine holds the state from here
+        stream.step(frames[t % 8])
+    times = []
+    for t in range(steps):
+        start = time.perf_counter()
+        stream.step(frames[t % 8])
+        times.append(time.perf_counter() - start)
+    times.sort()
+    return len(times) / sum(times), 1e3 * statistics.median(times), 1e3 * times[int(0.99 * (len(times) - 1))], stream
+
+
+def clip_rate(model, backend: str, clips: int) -> float:
+    engine = create_engine(model, backend=backend)
+    c = model.config
+    x = torch.randn(1, 3, c.frames, c.train_crop, c.train_crop)
+    engine(x)
+    start = time.perf_counter()
+    for _ in range(clips):
+        engine(x)
+    return clips / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", nargs="+", default=["x3d_s", "x3d_m"])
+    parser.add_argument("--steps", type=int, default=60, help="timed steady-state steps per row (default 60)")
+    parser.add_argument("--clips", type=int, default=6, help="timed clips per clip-model row (default 6)")
+    args = parser.parse_args()
+    default = "openvino" if installed("openvino") else "torch"
+    engines = ["torch"] + ([default] if default != "torch" else [])
+    print(f"CPU: {cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}; batch 1")
+    for name in args.models:
+        model = create_model(name).eval()
+        c = model.config
+        for backend in engines:
+            steps_s, median, p99, stream = stream_rate(model, backend, args.steps)
+            clips_s = clip_rate(model, backend, args.clips)
+            line = (f"{name} {backend:>8}: stream {steps_s:6.2f} steps/s (step {median:.1f} ms median, {p99:.1f} ms "
+                    f"p99), clip model {clips_s:5.2f} clips/s ({c.frames}x{c.train_crop}^2): {steps_s / clips_s:5.2f}x")
+            if backend == "torch":
+                frame = torch.randn(1, 3, c.train_crop, c.train_crop)
+                line += f"; {step_macs(stream, frame) / 1e6:.1f} M multiply-adds per step"
+            print(line, flush=True)
+        print(f"{name}: delay {stream.delay} steps, receptive field {stream.receptive_field} (pool {stream.pool_frames}, "
+              f"se {stream.se})", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,461 @@
+"""Streaming (continual) X3D: one frame in, one prediction out, with the clip model's own weights.
+
+What co3d's CoX3D computes (Hedegaard & Iosifidis, ECCV 2022), as state kept between steps instead of
+clips recomputed: every temporal convolution keeps its last ``k - 1`` inputs and convolves them with the
+new frame (the same multiply-adds as co3d's partial sums, and its ``fill`` falls out of what the buffer
+starts with); a convolution padded by ``p`` withholds its first ``k - 1 - p`` outputs, so the stream
+computes the clip network padded on the left only. Residual shortcuts are delayed by their branch's
+delay, the head averages the last ``pool_frames`` spatially pooled conv5 frames, and squeeze-excitation
+pools over the current frame (``se="frame"``, co3d's default) or the last ``pool_frames`` frames
+(``se="clip"``, which gates each frame by the mean over it and the ``pool_frames - 1`` after it, so it
+adds that much delay per SE block). Spatial layers run per frame, with BN folded into the convs.
+
+The network is written out once, over chunks of frames (``_forward``): ``step`` feeds a chunk of one,
+``forward_steps`` a whole clip, and in the steady state (every buffer full, nothing withheld) the same
+function, traced with its buffers as explicit inputs and outputs, is the graph the engines run.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import tempfile
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import av
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .backends import FP32_LOG_TOLERANCE, FP32_TOLERANCE, check_device, installed
+from .errors import BackendError, ConfigError
+from .model import X3D, Block, fold_batchnorm
+from .recipe import Recipe
+from .video import FrameFormat, FrameSource
+from .views import crop_offsets
+
+Fill = Literal["zeros", "replicate"]
+Scope = Literal["frame", "clip"]
+STREAM_BACKENDS = ("torch", "openvino")
+
+
+class _State:
+    """The buffers of one stream, by layer (a list of past frames each), and how many outputs each layer
+    still withholds.
+
+    Every operation takes a chunk ``(B, C, n, ...)`` of n consecutive frames and returns the frames it
+    emits for them (fewer while it withholds its first outputs, possibly none). A chunk of one frame, the
+    steady-state step, runs as 2-D operations on that frame: no copies of the buffers, no 3-D kernels."""
+
+    def __init__(self, fill: Fill) -> None:
+        self.fill = fill
+        self.buffers: dict[str, list[Tensor]] = {}
+        self.withheld: dict[str, int] = {}
+
+    def flat(self) -> dict[str, Tensor]:
+        """The buffers as named tensors, ``<layer>.<i>`` oldest first (an engine's explicit state)."""
+        return {f"{key}.{i}": t for key, frames in self.buffers.items() for i, t in enumerate(frames)}
+
+    @classmethod
+    def from_flat(cls, fill: Fill, flat: dict[str, Tensor]) -> _State:
+        """A state whose every layer has emitted already, holding ``flat``'s buffers."""
+        state = cls(fill)
+        for name, t in flat.items():
+            state.buffers.setdefault(name.rsplit(".", 1)[0], []).append(t)
+        return state
+
+    def conv(self, key: str, x: Tensor, conv: nn.Conv3d, *, pad: int) -> Tensor:
+        """A temporal conv (kernel k along time, left padding ``pad`` as the clip model's), causal."""
+        k = conv.weight.shape[2]
+        if key not in self.buffers:  # the first frames: the missing past is the fill
+            first = x[:, :, 0]
+            self.buffers[key] = [first if self.fill == "replicate" else torch.zeros_like(first)] * (k - 1)
+            self.withheld[key] = k - 1 - pad
+        past, stride, padding = self.buffers[key], conv.stride[1:], conv.padding[1:]
+        if x.shape[2] == 1:
+            frames = [*past, x[:, :, 0]]
+            # Depthwise (as in X3D): the k frames side by side as the channels of each group of a 2-D conv.
+            if conv.groups == conv.in_channels == conv.out_channels:
+                window = torch.stack(frames, 2).flatten(1, 2)  # (B, C, k, H, W) -> (B, C * k, H, W)
+                out = F.conv2d(window, conv.weight.flatten(1, 2), conv.bias, stride, padding, 1, conv.groups)
+            else:
+                out = sum(F.conv2d(f, conv.weight[:, :, j], conv.bias if j == 0 else None, stride, padding, 1,
+                                   conv.groups) for j, f in enumerate(frames))
+            self.buffers[key] = frames[1:]
+            return self._withhold(key, out[:, :, None])
+        window = torch.cat((torch.stack(past, 2), x), 2)
+        self.buffers[key] = [window[:, :, i] for i in range(window.shape[2] - (k - 1), window.shape[2])]
+        out = F.conv3d(window, conv.weight, conv.bias, (1, *stride), (0, *padding), 1, conv.groups)
+        return self._withhold(key, out)
+
+    def delay(self, key: str, x: Tensor, frames: int) -> Tensor:
+        """``x`` as it was ``frames`` steps ago (nothing for the first ``frames`` steps)."""
+        if frames == 0:
+            return x
+        seen = [*self.buffers.get(key, []), *x.unbind(2)]
+        cut = max(0, len(seen) - frames)
+        self.buffers[key] = seen[cut:]
+        return _join(seen[:cut], x)
+
+    def mean(self, key: str, v: Tensor, frames: int) -> Tensor:
+        """``v`` (B, C, n) averaged over its last ``frames`` steps (nothing until that many have come)."""
+        if frames == 1:
+            return v
+        seen = [*self.buffers.get(key, []), *v.unbind(2)]
+        self.buffers[key] = seen[max(0, len(seen) - (frames - 1)):]
+        if len(seen) < frames:
+            return v[:, :, :0]
+        return F.avg_pool1d(torch.stack(seen, 2), frames, 1)
+
+    def _withhold(self, key: str, out: Tensor) -> Tensor:
+        drop = min(self.withheld.get(key, 0), out.shape[2])
+        if drop:
+            self.withheld[key] -= drop
+            out = out[:, :, drop:]
+        return out
+
+
+def _join(frames: list[Tensor], like: Tensor) -> Tensor:
+    """Frames back into a chunk (B, C, n, ...); a chunk of none shaped as ``like``'s."""
+    if len(frames) == 1:
+        return frames[0].unsqueeze(2)
+    return torch.stack(frames, 2) if frames else like[:, :, :0]
+
+
+def _per_frame(conv: nn.Conv3d, x: Tensor) -> Tensor:
+    """A conv of temporal kernel 1 (every conv but the temporal ones): 2-D on a chunk of one frame."""
+    if x.shape[2] != 1:
+        return conv(x)
+    w = conv.weight[:, :, 0]
+    return F.conv2d(x[:, :, 0], w, conv.bias, conv.stride[1:], conv.padding[1:], 1, conv.groups).unsqueeze(2)
+
+
+def _gate(se: nn.Module, v: Tensor) -> Tensor:
+    """SE's excitation of pooled ``v`` (B, C, n) -> per-frame channel gates (B, C, n, 1, 1)."""
+    g = se.fc2(F.relu(se.fc1(v.transpose(1, 2)))).sigmoid()
+    return g.transpose(1, 2)[..., None, None]
+
+
+def _block(key: str, block: Block, x: Tensor, st: _State, *, scope: Scope, pool: int) -> Tensor:
+    shortcut = x if block.shortcut is None else _per_frame(block.shortcut, x)  # BN folded into the projection
+    y = F.relu(_per_frame(block.conv_a, x))
+    y = st.conv(key + ".b", y, block.conv_b, pad=1)
+    branch_delay = 1
+    if block.se is not None:
+        if scope == "frame":
+            y = y * _gate(block.se, y.mean((3, 4))) if y.shape[2] else y
+        else:
+            gate = st.mean(key + ".se", y.mean((3, 4)), pool)
+            y = st.delay(key + ".se_in", y, pool - 1)
+            y = y * _gate(block.se, gate) if y.shape[2] else y
+            branch_delay += pool - 1
+    shortcut = st.delay(key + ".shortcut", shortcut, branch_delay)
+    if not y.shape[2]:
+        return y
+    return F.relu(shortcut + _per_frame(block.conv_c, F.silu(y)))
+
+
+def _blocks(net: X3D) -> list[Block]:
+    return [*net.res2, *net.res3, *net.res4, *net.res5]
+
+
+def _forward(net: X3D, x: Tensor, st: _State, *, scope: Scope, pool: int) -> Tensor | None:
+    """Frames ``(B, 3, n, H, W)`` through the folded ``net`` -> scores ``(B, m, classes)`` for the last m
+    of them (m < n while the network still withholds its first outputs), or None if it emits nothing."""
+    x = _per_frame(net.stem.conv_spatial, x)
+    x = st.conv("stem", x, net.stem.conv_temporal, pad=2)
+    if not x.shape[2]:
+        return None
+    x = F.relu(x)
+    for i, block in enumerate(_blocks(net)):
+        x = _block(str(i), block, x, st, scope=scope, pool=pool)
+        if not x.shape[2]:
+            return None
+    x = F.relu(_per_frame(net.conv5, x))
+    v = st.mean("head", x.mean((3, 4)), pool)  # the head window: all of conv5's map at the training crop
+    if not v.shape[2]:
+        return None
+    return net.fc2(F.relu(net.fc1(v.transpose(1, 2))))
+
+
+class StreamingX3D:
+    """A continual X3D over ``model``'s weights: ``step(frame)`` returns what ``X3D.forward`` returns for
+    the stream so far (scores whose softmax is the probabilities), or None during the first ``delay``
+    steps.
+
+    ``pool_frames``: the head's average over the last P conv5 frames (default the training clip's T).
+    ``se``: squeeze-excitation over the current frame or the last P frames. ``fill``: what temporal
+    convolutions see before the first frame. ``backend``: ``torch`` (eager) or ``openvino`` (the steady
+    state as one compiled graph whose buffers stay inside the engine; the first ``delay`` steps run
+    eagerly), checked against eager when built. ``device``: where the eager network runs.
+    """
+
+    def __init__(self, model: X3D, *, pool_frames: int | None = None, se: Scope = "frame",
+                 fill: Fill = "replicate", backend: str = "torch", device: str = "cpu", threads: int | None = None,
+                 check: bool = True) -> None:
+        config = model.config
+        pool = config.frames if pool_frames is None else pool_frames
+        if isinstance(pool, bool) or not isinstance(pool, int) or not 1 <= pool <= 4096:
+            raise ConfigError(f"pool_frames must be a whole number of frames from 1 to 4096, not {pool!r}")
+        if se not in ("frame", "clip"):
+            raise ConfigError(f"se must be 'frame' or 'clip', not {se!r}")
+        if fill not in ("zeros", "replicate"):
+            raise ConfigError(f"fill must be 'zeros' or 'replicate', not {fill!r}")
+        if backend not in STREAM_BACKENDS:
+            raise BackendError(f"a stream runs on {' or '.join(STREAM_BACKENDS)}, not {backend!r}")
+        check_device(device)
+        self.config, self.pool_frames, self.se, self.fill, self.device = config, pool, se, fill, device
+        self.net = fold_batchnorm(model).float().to(device)
+        blocks = _blocks(self.net)
+        gated = sum(b.se is not None for b in blocks) if se == "clip" else 0
+        padding = 2 + len(blocks)  # the stem's 2 frames of temporal padding and each block's 1
+        # As co3d counts them: the first output comes at step `delay`, and from step `receptive_field - 1`
+        # on, no output depends on the fill.
+        self.delay = padding + (pool - 1) * (1 + gated)
+        self.receptive_field = self.delay + padding + 1
+        self.engine: _OpenVinoStep | None = None
+        self.parity: float | None = None  # the engine's max |dp| against eager, once checked
+        self.reset()
+        if backend == "openvino":
+            self.engine = _OpenVinoStep(self, threads=threads)
+            if check:
+                self.parity = check_stream(self)
+
+    @property
+    def backend(self) -> str:
+        return "torch" if self.engine is None else "openvino"
+
+    def describe(self) -> str:
+        return (f"streaming on {self.backend} ({self.device}): pool {self.pool_frames}, se {self.se}, fill "
+                f"{self.fill}; first prediction at step {self.delay}, receptive field {self.receptive_field}")
+
+    def reset(self) -> None:
+        """Forget the stream: the next frame is a first frame."""
+        self._state = _State(self.fill)
+        self._on_engine = False
+        self.steps = 0
+
+    @torch.inference_mode()
+    def step(self, frame: Tensor) -> Tensor | None:
+        """One frame ``(B, 3, H, W)``, normalised, H = W = the training crop -> scores ``(B, classes)``."""
+        self._check(frame, 4)
+        if self.engine is not None and self.steps > self.delay:
+            if not self._on_engine:
+                self.engine.load(self._state.flat())
+                self._on_engine = True
+            self.steps += 1
+            return self.engine(frame)
+        scores = self._eager(frame[:, :, None])
+        return None if scores is None else scores[:, -1]
+
+    @torch.inference_mode()
+    def forward_steps(self, clip: Tensor) -> Tensor:
+        """N frames ``(B, 3, N, H, W)`` at once -> ``(B, m, classes)``: the scores of the last m of them
+        (m = N once the delay has passed), as N calls of ``step`` would give, computed batched over time."""
+        self._check(clip, 5)
+        if self._on_engine:  # the engine holds the latest state: take it back
+            self._state = _State.from_flat(self.fill, self.engine.state())
+            self._on_engine = False
+        scores = self._eager(clip) if clip.shape[2] else None
+        return scores if scores is not None else torch.zeros(len(clip), 0, self.config.num_classes)
+
+    def _eager(self, frames: Tensor) -> Tensor | None:
+        self.steps += frames.shape[2]
+        out = _forward(self.net, frames.to(self.device, torch.float32), self._state, scope=self.se,
+                       pool=self.pool_frames)
+        return None if out is None else out.float().cpu()
+
+    def _check(self, x: Tensor, dims: int) -> None:
+        crop = self.config.train_crop
+        shape = "(B, 3, H, W)" if dims == 4 else "(B, 3, N, H, W)"
+        if not isinstance(x, Tensor) or x.dim() != dims or x.shape[1] != 3 or tuple(x.shape[-2:]) != (crop, crop):
+            got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+            raise ConfigError(f"a stream of {self.config.name} takes frames {shape} with H = W = {crop} "
+                              f"(its training crop), not {got}")
+
+
+class _SteadyStep(nn.Module):
+    """One steady-state step as a module of explicit tensors: (frame, *buffers) -> (scores, *buffers)."""
+
+    def __init__(self, stream: StreamingX3D, keys: list[str]) -> None:
+        super().__init__()
+        self.net, self.keys = stream.net, keys
+        self.fill, self.scope, self.pool = stream.fill, stream.se, stream.pool_frames
+
+    def forward(self, frame: Tensor, *buffers: Tensor) -> tuple[Tensor, ...]:
+        st = _State.from_flat(self.fill, dict(zip(self.keys, buffers, strict=True)))
+        scores = _forward(self.net, frame[:, :, None], st, scope=self.scope, pool=self.pool)
+        after = st.flat()
+        return (scores[:, 0], *(after[k] for k in self.keys))
+
+
+def steady_state(stream: StreamingX3D, frames: Tensor | None = None) -> dict[str, Tensor]:
+    """A copy of ``stream``'s buffers once its delay has passed, warmed on ``frames`` (B, 3, N, H, W)
+    (default: random frames, batch 1) from a clean state; ``stream`` itself is left as it was."""
+    probe = copy.copy(stream)
+    probe.engine = None
+    probe.reset()
+    crop = stream.config.train_crop
+    if frames is None:
+        frames = torch.randn(1, 3, stream.delay + 1, crop, crop, generator=torch.Generator().manual_seed(0))
+    probe.forward_steps(frames)
+    return {k: v.clone() for k, v in probe._state.flat().items()}
+
+
+def export_stream_onnx(stream: StreamingX3D, path: str | Path) -> tuple[Path, list[str]]:
+    """Write the steady-state step (batch 1) as ONNX: inputs ``frame`` and ``state.<layer>``, outputs
+    ``scores`` and ``next.<layer>``. Returns the path and the buffer names in order."""
+    buffers = steady_state(stream)
+    keys = list(buffers)
+    module = _SteadyStep(stream, keys).cpu().eval()
+    net_device = next(stream.net.parameters()).device
+    module.net = copy.deepcopy(stream.net).cpu() if net_device.type != "cpu" else module.net
+    crop = stream.config.train_crop
+    args = (torch.zeros(1, 3, crop, crop), *(buffers[k].cpu() for k in keys))
+    path = Path(path)
+    with warnings.catch_warnings(), torch.inference_mode():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module, args, str(path), input_names=["frame", *(f"state.{k}" for k in keys)],
+                          output_names=["scores", *(f"next.{k}" for k in keys)], opset_version=17, dynamo=False)
+    return path, keys
+
+
+class _OpenVinoStep:
+    """The steady-state step compiled by OpenVINO for the CPU, its buffers kept as the infer request's
+    variables (OpenVINO's MakeStateful pass over the exported inputs/outputs), so a step moves one frame
+    in and the scores out."""
+
+    def __init__(self, stream: StreamingX3D, *, threads: int | None = None) -> None:
+        if not installed("openvino"):
+            raise BackendError("openvino is not installed (pip install 'x3dnet[fast]')")
+        if stream.device != "cpu":
+            raise BackendError("openvino: x3dnet runs OpenVINO on the CPU only")
+        import openvino as ov
+        from openvino._offline_transformations import apply_make_stateful_transformation
+
+        with tempfile.TemporaryDirectory() as tmp:
+            path, self.keys = export_stream_onnx(stream, Path(tmp) / "step.onnx")
+            core = ov.Core()
+            graph = core.read_model(str(path))
+        apply_make_stateful_transformation(graph, {f"state.{k}": f"next.{k}" for k in self.keys})
+        config = {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY"}
+        if threads:
+            config["INFERENCE_NUM_THREADS"] = threads
+        self.request = core.compile_model(graph, "CPU", config).create_infer_request()
+        # The pass names each variable after its input and output joined (releases differ): map them back.
+        by_name = {v.name: v for v in self.request.query_state()}
+        self.variables = {k: by_name.get(f"state.{k}next.{k}", by_name.get(f"state.{k}")) for k in self.keys}
+        if None in self.variables.values():
+            raise BackendError("openvino: the stream's state variables were not made as expected")
+        self._ov = ov
+
+    def load(self, buffers: dict[str, Tensor]) -> None:
+        for k in self.keys:
+            self.variables[k].state = self._ov.Tensor(np.ascontiguousarray(buffers[k].float().cpu().numpy()))
+
+    def state(self) -> dict[str, Tensor]:
+        return {k: torch.from_numpy(self.variables[k].state.data.copy()) for k in self.keys}
+
+    def __call__(self, frame: Tensor) -> Tensor:
+        frames = np.ascontiguousarray(frame.float().cpu().numpy())
+        if len(frames) != 1:
+            raise BackendError("the openvino stream runs batch 1; use backend='torch' for batches")
+        self.request.infer({0: frames}, share_inputs=True)
+        return torch.from_numpy(self.request.get_output_tensor(0).data.copy())
+
+
+def check_stream(stream: StreamingX3D) -> float:
+    """Run ``stream``'s engine and eager PyTorch one step from the same steady state on a random frame;
+    raise ``BackendError`` if they disagree (1e-4 in probability). Returns the max |dp|."""
+    crop = stream.config.train_crop
+    generator = torch.Generator().manual_seed(1)
+    frames = torch.randn(1, 3, stream.delay + 2, crop, crop, generator=generator)
+    buffers = steady_state(stream, frames[:, :, :-1])
+    eager = _State.from_flat(stream.fill, {k: v.clone() for k, v in buffers.items()})
+    with torch.inference_mode():
+        expected = _forward(stream.net, frames[:, :, -1:].to(stream.device), eager, scope=stream.se,
+                            pool=stream.pool_frames)[:, 0].float().cpu().log_softmax(1)
+    stream.engine.load(buffers)
+    got = stream.engine(frames[:, :, -1]).log_softmax(1)
+    diff = (got.exp() - expected.exp()).abs().max().item()
+    log_diff = (got - expected).abs().max().item()
+    if not (diff <= FP32_TOLERANCE and log_diff <= FP32_LOG_TOLERANCE):
+        raise BackendError(f"the openvino stream disagrees with eager PyTorch: max |dp| {diff:.1e}, "
+                           f"max |d log p| {log_diff:.1e}; refusing to run it")
+    return diff
+
+
+@dataclass
+class Step:
+    """One decoded frame of a streamed video, and the prediction current once it has been through."""
+
+    frame: int  # ordinal of the decoded frame
+    time: float  # seconds into the video
+    image: av.VideoFrame
+    fps: float  # the source's frame rate
+    steps: list[int]  # the network steps it was fed as (none between strides; several if the video is slow)
+    probs: Tensor | None  # (classes,) probabilities after the latest step; None until the delay has passed
+
+
+def stream_video(stream: StreamingX3D, source: str | os.PathLike[str], recipe: Recipe, *, threads: int = 0,
+                 timeout: float = 10.0) -> Iterator[Step]:
+    """Decode ``source`` (a file or a live URL) frame by frame and feed ``stream`` at the recipe's temporal
+    stride: one step every ``stride`` frames at ``target_fps`` (every 5th frame of a 30 fps video for
+    X3D-M, the same span of time at other rates). Each step's frame is resized as co3d's streams are
+    (short side to the training crop, bilinear, the recipe's normalisation) and centre-cropped square.
+    Yields every decoded frame; a source that breaks raises ``VideoError`` after the frames it gave."""
+    crop = stream.config.train_crop
+    fmt = FrameFormat(crop, "bilinear", recipe.mean, recipe.std)
+    with FrameSource(source, threads=threads, timeout=timeout) as frames:
+        every = recipe.stride * frames.info.fps / recipe.target_fps  # source frames per step
+        next_at, step, probs = 0.0, 0, None
+        for ordinal, seconds, image in frames:
+            fed = []
+            x = None
+            while ordinal + 1e-6 >= next_at:  # a video slower than the step rate repeats frames, as linspace does
+                if x is None:
+                    x = fmt(image)  # (3, H, W) normalised, short side = crop
+                    y0, x0 = crop_offsets(x.shape[1], x.shape[2], crop, 1, "slowfast")[0]
+                    x = x[None, :, y0:y0 + crop, x0:x0 + crop]
+                scores = stream.step(x)
+                probs = None if scores is None else scores[0].softmax(0)
+                fed.append(step)
+                step += 1
+                next_at += every
+            yield Step(ordinal, seconds, image, frames.info.fps, fed, probs)
+
+
+def warmup_frames(stream: StreamingX3D) -> int:
+    """Frames co3d feeds before the one it scores (its ``init_frame`` protocol): its scripts' forward frame
+    delay, 0.7 x (the convolutions' receptive field + the pool), or the network's delay if longer."""
+    padding = (stream.receptive_field - stream.delay - 1)
+    return max(stream.delay, int(0.7 * (2 * padding + stream.pool_frames)) - 1)
+
+
+class ClipScorer:
+    """Scores clips ``(B, 3, N, H, W)`` as co3d evaluates a continual network: from a clean state, the N
+    frames through the stream, and the last step's scores. Fed ``chunk`` frames at a time (batched over
+    time and over the clips), so memory stays that of a ``chunk``-frame clip however long N is."""
+
+    def __init__(self, stream: StreamingX3D, *, chunk: int = 16) -> None:
+        self.stream, self.chunk, self.config = stream, chunk, stream.config
+
+    def __call__(self, clips: Tensor) -> Tensor:
+        self.stream.reset()
+        scores = None
+        for start in range(0, clips.shape[2], self.chunk):
+            out = self.stream.forward_steps(clips[:, :, start:start + self.chunk])
+            scores = out[:, -1] if out.shape[1] else scores
+        if scores is None:
+            raise ConfigError(f"{clips.shape[2]} frames do not reach past the stream's delay of {self.stream.delay}")
+        return scores
+
+    def describe(self) -> str:
+        s = self.stream
+        return (f"streaming {s.config.name} (eager torch on {s.device}): pool {s.pool_frames}, se {s.se}, "
+                f"fill {s.fill}, delay {s.delay}, receptive field {s.receptive_field}")
