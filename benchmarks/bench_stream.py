@@ -7,8 +7,8 @@ Per model (random weights; speed does not depend on them): the multiply-adds of 
 for S and 325.5 M for M), steady-state steps/s of the stream on eager PyTorch and on the default engine
 (OpenVINO where installed), the clip model's clips/s on the same engines (when every prediction needs a
 clip, clips/s is predictions/s), their ratio (target: at least 8x for X3D-M on the default engine), and
-the latency of a step (median and 99th percentile). Rows are measured one after another in this
-process; run it on a quiet machine.
+the latency of a step (median and 99th percentile). Rates come from median calls (a noisy neighbour
+moves a mean); rows are measured one after another in this process; run it on a quiet machine.
 """
 
 from __future__ import annotations
@@ -32,8 +32,10 @@ def step_macs(stream: StreamingX3D, frame: torch.Tensor) -> float:
     return counter.get_total_flops() / 2
 
 
-def stream_rate(model, backend: str, steps: int) -> tuple[float, float, float, StreamingX3D]:
-    """(steps/s, median ms, p99 ms) of steady-state steps, and the stream."""
+def stream_rate(model, backend: str, steps: int) -> tuple[float, float, float, float | None]:
+    """(steps/s from the median step, median ms, p99 ms) of steady-state steps, and (eager only) the
+    multiply-adds of one step. The engine is gone when this returns: an idle engine's threads would
+    compete with the next row's."""
     stream = StreamingX3D(model, backend=backend)
     crop = model.config.train_crop
     frames = torch.randn(8, 1, 3, crop, crop, generator=torch.Generator().manual_seed(0))
@@ -45,25 +47,30 @@ def stream_rate(model, backend: str, steps: int) -> tuple[float, float, float, S
         stream.step(frames[t % 8])
         times.append(time.perf_counter() - start)
     times.sort()
-    return len(times) / sum(times), 1e3 * statistics.median(times), 1e3 * times[int(0.99 * (len(times) - 1))], stream
+    median = statistics.median(times)
+    macs = step_macs(stream, frames[0]) if backend == "torch" else None
+    return 1 / median, 1e3 * median, 1e3 * times[int(0.99 * (len(times) - 1))], macs
 
 
 def clip_rate(model, backend: str, clips: int) -> float:
-    engine = create_engine(model, backend=backend)
+    """Clips/s of the clip model from its median call (batch 1, the training clip)."""
+    engine = create_engine(model, backend=backend)  # gone when this returns, as the stream's
     c = model.config
     x = torch.randn(1, 3, c.frames, c.train_crop, c.train_crop)
     engine(x)
-    start = time.perf_counter()
+    times = []
     for _ in range(clips):
+        start = time.perf_counter()
         engine(x)
-    return clips / (time.perf_counter() - start)
+        times.append(time.perf_counter() - start)
+    return 1 / statistics.median(times)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", default=["x3d_s", "x3d_m"])
     parser.add_argument("--steps", type=int, default=60, help="timed steady-state steps per row (default 60)")
-    parser.add_argument("--clips", type=int, default=6, help="timed clips per clip-model row (default 6)")
+    parser.add_argument("--clips", type=int, default=10, help="timed clips per clip-model row (default 10)")
     args = parser.parse_args()
     default = "openvino" if installed("openvino") else "torch"
     engines = ["torch"] + ([default] if default != "torch" else [])
@@ -72,16 +79,16 @@ def main() -> None:
         model = create_model(name).eval()
         c = model.config
         for backend in engines:
-            steps_s, median, p99, stream = stream_rate(model, backend, args.steps)
+            steps_s, median, p99, macs = stream_rate(model, backend, args.steps)
             clips_s = clip_rate(model, backend, args.clips)
             line = (f"{name} {backend:>8}: stream {steps_s:6.2f} steps/s (step {median:.1f} ms median, {p99:.1f} ms "
                     f"p99), clip model {clips_s:5.2f} clips/s ({c.frames}x{c.train_crop}^2): {steps_s / clips_s:5.2f}x")
-            if backend == "torch":
-                frame = torch.randn(1, 3, c.train_crop, c.train_crop)
-                line += f"; {step_macs(stream, frame) / 1e6:.1f} M multiply-adds per step"
+            if macs is not None:
+                line += f"; {macs / 1e6:.1f} M multiply-adds per step"
             print(line, flush=True)
+        stream = StreamingX3D(model)
         print(f"{name}: delay {stream.delay} steps, receptive field {stream.receptive_field} (pool {stream.pool_frames}, "
-              f"se {stream.se})", flush=True)
+              f"se {stream.se}, fill {stream.fill})", flush=True)
 
 
 if __name__ == "__main__":

@@ -45,72 +45,59 @@ STREAM_BACKENDS = ("torch", "openvino")
 
 
 class _State:
-    """The buffers of one stream, by layer (a list of past frames each), and how many outputs each layer
-    still withholds.
+    """The buffers of one stream, by layer (its last frames, oldest first, along dim 2), and how many outputs
+    each layer still withholds.
 
     Every operation takes a chunk ``(B, C, n, ...)`` of n consecutive frames and returns the frames it
-    emits for them (fewer while it withholds its first outputs, possibly none). A chunk of one frame, the
-    steady-state step, runs as 2-D operations on that frame: no copies of the buffers, no 3-D kernels."""
+    emits for them (fewer while it withholds its first outputs, possibly none). A temporal conv keeps its
+    last k - 1 inputs as one tensor: a steady step is a concatenation, a conv and a slice. (Measured in
+    OpenVINO on X3D-M: a tensor per past frame made the variables' writes three times dearer, and co3d's
+    partial sums, written in the convs' blocked layout, cost more than the slices they save.)"""
 
-    def __init__(self, fill: Fill) -> None:
+    def __init__(self, fill: Fill, buffers: dict[str, Tensor] | None = None) -> None:
         self.fill = fill
-        self.buffers: dict[str, list[Tensor]] = {}
+        self.buffers: dict[str, Tensor] = dict(buffers or {})  # given buffers: every layer has emitted already
         self.withheld: dict[str, int] = {}
-
-    def flat(self) -> dict[str, Tensor]:
-        """The buffers as named tensors, ``<layer>.<i>`` oldest first (an engine's explicit state)."""
-        return {f"{key}.{i}": t for key, frames in self.buffers.items() for i, t in enumerate(frames)}
-
-    @classmethod
-    def from_flat(cls, fill: Fill, flat: dict[str, Tensor]) -> _State:
-        """A state whose every layer has emitted already, holding ``flat``'s buffers."""
-        state = cls(fill)
-        for name, t in flat.items():
-            state.buffers.setdefault(name.rsplit(".", 1)[0], []).append(t)
-        return state
 
     def conv(self, key: str, x: Tensor, conv: nn.Conv3d, *, pad: int) -> Tensor:
         """A temporal conv (kernel k along time, left padding ``pad`` as the clip model's), causal."""
         k = conv.weight.shape[2]
         if key not in self.buffers:  # the first frames: the missing past is the fill
-            first = x[:, :, 0]
-            self.buffers[key] = [first if self.fill == "replicate" else torch.zeros_like(first)] * (k - 1)
+            first = x[:, :, :1]
+            self.buffers[key] = (first if self.fill == "replicate" else torch.zeros_like(first)).expand(
+                -1, -1, k - 1, -1, -1)
             self.withheld[key] = k - 1 - pad
-        past, stride, padding = self.buffers[key], conv.stride[1:], conv.padding[1:]
-        if x.shape[2] == 1:
-            frames = [*past, x[:, :, 0]]
-            # Depthwise (as in X3D): the k frames side by side as the channels of each group of a 2-D conv.
-            if conv.groups == conv.in_channels == conv.out_channels:
-                window = torch.stack(frames, 2).flatten(1, 2)  # (B, C, k, H, W) -> (B, C * k, H, W)
-                out = F.conv2d(window, conv.weight.flatten(1, 2), conv.bias, stride, padding, 1, conv.groups)
-            else:
-                out = sum(F.conv2d(f, conv.weight[:, :, j], conv.bias if j == 0 else None, stride, padding, 1,
-                                   conv.groups) for j, f in enumerate(frames))
-            self.buffers[key] = frames[1:]
-            return self._withhold(key, out[:, :, None])
-        window = torch.cat((torch.stack(past, 2), x), 2)
-        self.buffers[key] = [window[:, :, i] for i in range(window.shape[2] - (k - 1), window.shape[2])]
-        out = F.conv3d(window, conv.weight, conv.bias, (1, *stride), (0, *padding), 1, conv.groups)
+        window = torch.cat((self.buffers[key], x), 2)  # (B, C, k - 1 + n, H, W)
+        self.buffers[key] = window[:, :, window.shape[2] - (k - 1):]
+        out = F.conv3d(window, conv.weight, conv.bias, (1, *conv.stride[1:]), (0, *conv.padding[1:]), 1, conv.groups)
         return self._withhold(key, out)
 
     def delay(self, key: str, x: Tensor, frames: int) -> Tensor:
         """``x`` as it was ``frames`` steps ago (nothing for the first ``frames`` steps)."""
         if frames == 0:
             return x
-        seen = [*self.buffers.get(key, []), *x.unbind(2)]
-        cut = max(0, len(seen) - frames)
-        self.buffers[key] = seen[cut:]
-        return _join(seen[:cut], x)
+        if key not in self.buffers:
+            self.buffers[key], x = x[:, :, :frames], x[:, :, frames:]
+            if not x.shape[2]:
+                return x
+        past = self.buffers[key]
+        if x.shape[2] == 1 and past.shape[2] == frames == 1:  # the steady step of a residual: a swap
+            self.buffers[key] = x
+            return past
+        seen = torch.cat((past, x), 2)
+        cut = max(0, seen.shape[2] - frames)
+        self.buffers[key] = seen[:, :, cut:]
+        return seen[:, :, :cut]
 
     def mean(self, key: str, v: Tensor, frames: int) -> Tensor:
         """``v`` (B, C, n) averaged over its last ``frames`` steps (nothing until that many have come)."""
         if frames == 1:
             return v
-        seen = [*self.buffers.get(key, []), *v.unbind(2)]
-        self.buffers[key] = seen[max(0, len(seen) - (frames - 1)):]
-        if len(seen) < frames:
+        seen = torch.cat((self.buffers[key], v), 2) if key in self.buffers else v
+        self.buffers[key] = seen[:, :, max(0, seen.shape[2] - (frames - 1)):]
+        if seen.shape[2] < frames:
             return v[:, :, :0]
-        return F.avg_pool1d(torch.stack(seen, 2), frames, 1)
+        return F.avg_pool1d(seen, frames, 1)
 
     def _withhold(self, key: str, out: Tensor) -> Tensor:
         drop = min(self.withheld.get(key, 0), out.shape[2])
@@ -120,21 +107,6 @@ class _State:
         return out
 
 
-def _join(frames: list[Tensor], like: Tensor) -> Tensor:
-    """Frames back into a chunk (B, C, n, ...); a chunk of none shaped as ``like``'s."""
-    if len(frames) == 1:
-        return frames[0].unsqueeze(2)
-    return torch.stack(frames, 2) if frames else like[:, :, :0]
-
-
-def _per_frame(conv: nn.Conv3d, x: Tensor) -> Tensor:
-    """A conv of temporal kernel 1 (every conv but the temporal ones): 2-D on a chunk of one frame."""
-    if x.shape[2] != 1:
-        return conv(x)
-    w = conv.weight[:, :, 0]
-    return F.conv2d(x[:, :, 0], w, conv.bias, conv.stride[1:], conv.padding[1:], 1, conv.groups).unsqueeze(2)
-
-
 def _gate(se: nn.Module, v: Tensor) -> Tensor:
     """SE's excitation of pooled ``v`` (B, C, n) -> per-frame channel gates (B, C, n, 1, 1)."""
     g = se.fc2(F.relu(se.fc1(v.transpose(1, 2)))).sigmoid()
@@ -142,8 +114,8 @@ def _gate(se: nn.Module, v: Tensor) -> Tensor:
 
 
 def _block(key: str, block: Block, x: Tensor, st: _State, *, scope: Scope, pool: int) -> Tensor:
-    shortcut = x if block.shortcut is None else _per_frame(block.shortcut, x)  # BN folded into the projection
-    y = F.relu(_per_frame(block.conv_a, x))
+    shortcut = x if block.shortcut is None else block.shortcut(x)  # BN folded into the projection
+    y = F.relu(block.conv_a(x))
     y = st.conv(key + ".b", y, block.conv_b, pad=1)
     branch_delay = 1
     if block.se is not None:
@@ -157,7 +129,7 @@ def _block(key: str, block: Block, x: Tensor, st: _State, *, scope: Scope, pool:
     shortcut = st.delay(key + ".shortcut", shortcut, branch_delay)
     if not y.shape[2]:
         return y
-    return F.relu(shortcut + _per_frame(block.conv_c, F.silu(y)))
+    return F.relu(shortcut + block.conv_c(F.silu(y)))
 
 
 def _blocks(net: X3D) -> list[Block]:
@@ -167,7 +139,7 @@ def _blocks(net: X3D) -> list[Block]:
 def _forward(net: X3D, x: Tensor, st: _State, *, scope: Scope, pool: int) -> Tensor | None:
     """Frames ``(B, 3, n, H, W)`` through the folded ``net`` -> scores ``(B, m, classes)`` for the last m
     of them (m < n while the network still withholds its first outputs), or None if it emits nothing."""
-    x = _per_frame(net.stem.conv_spatial, x)
+    x = net.stem.conv_spatial(x)
     x = st.conv("stem", x, net.stem.conv_temporal, pad=2)
     if not x.shape[2]:
         return None
@@ -176,7 +148,7 @@ def _forward(net: X3D, x: Tensor, st: _State, *, scope: Scope, pool: int) -> Ten
         x = _block(str(i), block, x, st, scope=scope, pool=pool)
         if not x.shape[2]:
             return None
-    x = F.relu(_per_frame(net.conv5, x))
+    x = F.relu(net.conv5(x))
     v = st.mean("head", x.mean((3, 4)), pool)  # the head window: all of conv5's map at the training crop
     if not v.shape[2]:
         return None
@@ -246,7 +218,7 @@ class StreamingX3D:
         self._check(frame, 4)
         if self.engine is not None and self.steps > self.delay:
             if not self._on_engine:
-                self.engine.load(self._state.flat())
+                self.engine.load(self._state.buffers)
                 self._on_engine = True
             self.steps += 1
             return self.engine(frame)
@@ -259,7 +231,7 @@ class StreamingX3D:
         (m = N once the delay has passed), as N calls of ``step`` would give, computed batched over time."""
         self._check(clip, 5)
         if self._on_engine:  # the engine holds the latest state: take it back
-            self._state = _State.from_flat(self.fill, self.engine.state())
+            self._state = _State(self.fill, self.engine.state())
             self._on_engine = False
         scores = self._eager(clip) if clip.shape[2] else None
         return scores if scores is not None else torch.zeros(len(clip), 0, self.config.num_classes)
@@ -288,10 +260,9 @@ class _SteadyStep(nn.Module):
         self.fill, self.scope, self.pool = stream.fill, stream.se, stream.pool_frames
 
     def forward(self, frame: Tensor, *buffers: Tensor) -> tuple[Tensor, ...]:
-        st = _State.from_flat(self.fill, dict(zip(self.keys, buffers, strict=True)))
+        st = _State(self.fill, dict(zip(self.keys, buffers, strict=True)))
         scores = _forward(self.net, frame[:, :, None], st, scope=self.scope, pool=self.pool)
-        after = st.flat()
-        return (scores[:, 0], *(after[k] for k in self.keys))
+        return (scores[:, 0], *(st.buffers[k] for k in self.keys))
 
 
 def steady_state(stream: StreamingX3D, frames: Tensor | None = None) -> dict[str, Tensor]:
@@ -304,7 +275,7 @@ def steady_state(stream: StreamingX3D, frames: Tensor | None = None) -> dict[str
     if frames is None:
         frames = torch.randn(1, 3, stream.delay + 1, crop, crop, generator=torch.Generator().manual_seed(0))
     probe.forward_steps(frames)
-    return {k: v.clone() for k, v in probe._state.flat().items()}
+    return {k: v.clone() for k, v in probe._state.buffers.items()}
 
 
 def export_stream_onnx(stream: StreamingX3D, path: str | Path) -> tuple[Path, list[str]]:
@@ -376,7 +347,7 @@ def check_stream(stream: StreamingX3D) -> float:
     generator = torch.Generator().manual_seed(1)
     frames = torch.randn(1, 3, stream.delay + 2, crop, crop, generator=generator)
     buffers = steady_state(stream, frames[:, :, :-1])
-    eager = _State.from_flat(stream.fill, {k: v.clone() for k, v in buffers.items()})
+    eager = _State(stream.fill, {k: v.clone() for k, v in buffers.items()})
     with torch.inference_mode():
         expected = _forward(stream.net, frames[:, :, -1:].to(stream.device), eager, scope=stream.se,
                             pool=stream.pool_frames)[:, 0].float().cpu().log_softmax(1)
