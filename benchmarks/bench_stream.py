@@ -1,6 +1,6 @@
 """Streaming X3D against the clip model, per prediction, in one run on this machine (batch 1).
 
-    python benchmarks/bench_stream.py [--models x3d_s x3d_m] [--steps 60] [--clips 6]
+    python benchmarks/bench_stream.py [--models x3d_s x3d_m] [--steps 60] [--clips 10] [--co3d CHECKOUT]
 
 Per model (random weights; speed does not depend on them): the multiply-adds of one steady-state step
 (FlopCounterMode: conv and linear layers, as the clip models' GMACs are counted; co3d measured 166.6 M
@@ -9,6 +9,8 @@ for S and 325.5 M for M), steady-state steps/s of the stream on eager PyTorch an
 clip, clips/s is predictions/s), their ratio (target: at least 8x for X3D-M on the default engine), and
 the latency of a step (median and 99th percentile). Rates come from median calls (a noisy neighbour
 moves a mean); rows are measured one after another in this process; run it on a quiet machine.
+``--co3d CHECKOUT`` also times co3d's own CoX3D (same size, frame SE, replicate fill) from a co3d
+checkout, with ``pip install continual-inference==1.2.4``: the issue's side-by-side (target: 3x its steps/s).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from pathlib import Path
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -66,11 +69,60 @@ def clip_rate(model, backend: str, clips: int) -> float:
     return 1 / statistics.median(times)
 
 
+# co3d's hyper-parameters for its CoX3D (models/x3d/hparams/<size>.yaml), for --co3d.
+CO3D_HPARAMS = {
+    "x3d_s": {"image_size": 160, "temporal_window_size": 13, "x3d_depth_factor": 2.2},
+    "x3d_m": {"image_size": 224, "temporal_window_size": 16, "x3d_depth_factor": 2.2},
+}
+
+
+def co3d_rate(checkout: Path, name: str, steps: int) -> float:
+    """Steady-state steps/s (median) of co3d's own CoX3D, built from a co3d checkout with
+    continual-inference installed: run side by side, not copied. co3d's models/common/__init__ pulls in its
+    training framework, so the three files CoX3D needs are loaded directly."""
+    import importlib.util
+    import sys
+    import types
+
+    def load(module: str, path: Path) -> types.ModuleType:
+        spec = importlib.util.spec_from_file_location(module, path)
+        loaded = importlib.util.module_from_spec(spec)
+        sys.modules[module] = loaded
+        spec.loader.exec_module(loaded)
+        return loaded
+
+    for package, folder in (("models", "models"), ("models.common", "models/common"),
+                            ("models.cox3d", "models/cox3d"), ("models.cox3d.modules", "models/cox3d/modules")):
+        module = types.ModuleType(package)
+        module.__path__ = [str(checkout / folder)]
+        sys.modules[package] = module
+    res = load("models.common.res", checkout / "models/common/res.py")
+    sys.modules["models.common"].CoResStage, sys.modules["models.common"].init_weights = res.CoResStage, res.init_weights
+    x3d = load("models.cox3d.modules.x3d", checkout / "models/cox3d/modules/x3d.py")
+    hp = CO3D_HPARAMS[name]
+    net = x3d.CoX3D(dim_in=3, num_classes=400, x3d_conv1_dim=12, x3d_conv5_dim=2048, x3d_num_groups=1,
+                    x3d_width_per_group=64, x3d_width_factor=2.0, x3d_bottleneck_factor=2.25,
+                    x3d_use_channelwise_3x3x3=1, x3d_dropout_rate=0.5, x3d_head_activation="softmax",
+                    x3d_head_batchnorm=0, x3d_fc_std_init=0.01, x3d_final_batchnorm_zero_init=1,
+                    temporal_fill="replicate", se_scope="frame", **hp).eval()
+    crop = hp["image_size"]
+    frames = torch.randn(8, 1, 3, crop, crop, generator=torch.Generator().manual_seed(0))
+    times = []
+    with torch.no_grad():
+        for t in range(net.delay + 4 + steps):
+            start = time.perf_counter()
+            net.forward_step(frames[t % 8])
+            times.append(time.perf_counter() - start)
+    return 1 / statistics.median(times[-steps:])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", default=["x3d_s", "x3d_m"])
     parser.add_argument("--steps", type=int, default=60, help="timed steady-state steps per row (default 60)")
     parser.add_argument("--clips", type=int, default=10, help="timed clips per clip-model row (default 10)")
+    parser.add_argument("--co3d", type=Path, metavar="CHECKOUT",
+                        help="also time co3d's own CoX3D from this co3d checkout (needs continual-inference)")
     args = parser.parse_args()
     default = "openvino" if installed("openvino") else "torch"
     engines = ["torch"] + ([default] if default != "torch" else [])
@@ -78,14 +130,21 @@ def main() -> None:
     for name in args.models:
         model = create_model(name).eval()
         c = model.config
+        rates = {}
         for backend in engines:
             steps_s, median, p99, macs = stream_rate(model, backend, args.steps)
+            rates[backend] = steps_s
             clips_s = clip_rate(model, backend, args.clips)
             line = (f"{name} {backend:>8}: stream {steps_s:6.2f} steps/s (step {median:.1f} ms median, {p99:.1f} ms "
                     f"p99), clip model {clips_s:5.2f} clips/s ({c.frames}x{c.train_crop}^2): {steps_s / clips_s:5.2f}x")
             if macs is not None:
                 line += f"; {macs / 1e6:.1f} M multiply-adds per step"
             print(line, flush=True)
+        if args.co3d:
+            theirs = co3d_rate(args.co3d, name, args.steps)
+            print(f"{name} co3d's CoX3D (eager, continual-inference): {theirs:6.2f} steps/s; ours: eager "
+                  f"{rates['torch'] / theirs:.2f}x" + "".join(f", {b} {rates[b] / theirs:.2f}x" for b in rates if b != "torch"),
+                  flush=True)
         stream = StreamingX3D(model)
         print(f"{name}: delay {stream.delay} steps, receptive field {stream.receptive_field} (pool {stream.pool_frames}, "
               f"se {stream.se}, fill {stream.fill})", flush=True)
