@@ -1,7 +1,7 @@
 """``x3dnet train`` throughput against the model alone, and (``--learn``) whether it learns.
 
     python benchmarks/bench_train.py [--models x3d_xs x3d_s] [--workers 2] [--steps 10]
-    python benchmarks/bench_train.py --learn [--folder D]
+    python benchmarks/bench_train.py --learn [--folder D] [--train-flags --lr 0.1 ...]
 
 Default: per model, in one run, training clips per second (forward + backward + SGD step, batch 8, eager
 fp32, random weights) of the model alone on clips already in memory; of ``x3dnet train``'s whole pipeline
@@ -12,6 +12,7 @@ least 0.75 of model-only with 2 workers.
 
 ``--learn``: the issue's fixed command, from scratch on held-out synthetic videos; prints the validation
 top-1 of every epoch and the time of the whole ``train`` command (target: best >= 90% within 20 minutes).
+``--train-flags`` adds flags to that command, for the experiments the README reports.
 """
 
 from __future__ import annotations
@@ -75,12 +76,12 @@ def pipeline(name: str, videos: Path, out: Path, *, batch: int, workers: int) ->
     return clips / wall
 
 
-def learn(folder: Path) -> None:
+def learn(folder: Path, extra: list[str]) -> None:
     commands = [
         ["synthesize", folder / "train", "--videos-per-class", "20", "--seconds", "2", "--seed", "11"],
         ["synthesize", folder / "val", "--videos-per-class", "6", "--seconds", "2", "--seed", "12"],
         ["train", "--data", folder / "train" / "videos", "--val", folder / "val" / "videos", "--model", "x3d_xs",
-         "--epochs", "15", "--out", folder / "run", "--no-progress"],
+         "--epochs", "15", "--out", folder / "run", "--no-progress", *extra],
     ]
     for command in commands:
         print("$ x3dnet " + " ".join(map(str, command)), flush=True)
@@ -119,6 +120,9 @@ def main() -> None:
     parser.add_argument("--videos", type=int, default=48, help="videos the pipeline trains on (default 48)")
     parser.add_argument("--learn", action="store_true", help="run the learning check instead")
     parser.add_argument("--folder", help="where --learn writes (default: a temporary folder)")
+    parser.add_argument("--train-flags", nargs=argparse.REMAINDER, default=[],
+                        help="with --learn: flags added to the fixed train command (e.g. --lr 0.1 --epochs 25; "
+                             "a later --epochs wins); must come last")
     parser.add_argument("--one", nargs=2, metavar=("KIND", "MODEL"), help=argparse.SUPPRESS)
     parser.add_argument("--videos-dir", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
@@ -136,10 +140,10 @@ def main() -> None:
           f"bf16 units: {'yes' if 'BF16' in cpu_units() else 'no'}", flush=True)
     if args.learn:
         if args.folder:
-            learn(Path(args.folder))
+            learn(Path(args.folder), args.train_flags)
         else:
             with tempfile.TemporaryDirectory() as tmp:
-                learn(Path(tmp))
+                learn(Path(tmp), args.train_flags)
         return
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
