@@ -163,7 +163,8 @@ def stream_source(args: argparse.Namespace) -> int:
     if labels is None and classes == 400:
         labels = kinetics400_classes()
     if labels is not None and len(labels) != classes:
-        raise X3DNetError(f"{args.labels}: {len(labels)} labels for a model with {classes} classes")
+        source = args.labels or "the weights' class names"
+        raise X3DNetError(f"{source}: {len(labels)} labels for a model with {classes} classes")
     names = labels or [str(i) for i in range(classes)]
     backend = args.backend
     if backend == "auto":
@@ -181,7 +182,7 @@ def stream_source(args: argparse.Namespace) -> int:
                 steps = step + 1
                 if s.probs is None:
                     continue
-                scores, indices = s.probs.topk(min(args.top, classes))
+                scores, indices = s.probs.topk(min(max(args.top, 5), classes))
                 best = [{"label": names[i], "index": i, "score": round(p, 6)}
                         for p, i in zip(scores.tolist(), indices.tolist(), strict=True)]
                 top = [(b["label"], b["score"]) for b in best[:3]]
@@ -189,7 +190,7 @@ def stream_source(args: argparse.Namespace) -> int:
                     print(json.dumps({"time": round(s.time, 3), "frame": s.frame, "step": step, "top5": best[:5],
                                       "scores": [round(p, 6) for p in s.probs.tolist()]}), flush=True)
                 elif (step - stream.delay) % args.every == 0:
-                    shown = ", ".join(f"{b['score']:.1%} {b['label']}" for b in best)
+                    shown = ", ".join(f"{b['score']:.1%} {b['label']}" for b in best[:args.top])
                     print(f"{s.time:8.2f} s  step {step:>5}  {shown}", flush=True)
             if writer is not None:
                 caption = f"{s.time:.2f} s  step {steps}" + ("" if top else f"  (predicting from step {stream.delay})")

@@ -376,6 +376,9 @@ def _decode(path: str | os.PathLike[str], container: av.container.InputContainer
                 where = f" at {float(packet.pts * stream.time_base):.2f}s" if packet.pts is not None else ""
                 raise VideoError(f"{path}: cannot be decoded (truncated or corrupt data{where})")
             yield from packet.decode()
+    except av.ExitError:
+        # FFmpeg stopped because a signal came (PyAV's interrupt callback): Ctrl-C, not a broken video.
+        raise KeyboardInterrupt from None
     except av.FFmpegError as e:
         raise VideoError(f"{path}: cannot be decoded ({_reason(e)})") from None
 
