@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import signal
 import sys
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -24,7 +26,7 @@ from .predict import kinetics400_classes, predict, read_labels
 from .profile import cpu_name, plot, plot_path, profile, size_table
 from .streaming import STREAM_BACKENDS, StreamingX3D, stream_video
 from .synthetic import PATTERNS, make_dataset
-from .video import RESIZE_MODES, VideoError
+from .video import RESIZE_MODES, VideoError, on_sigint
 from .views import PLACEMENTS, VIEW_PRESETS
 from .weights import WEIGHTS, cached_path, download_weights
 
@@ -522,6 +524,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, on_sigint)  # Ctrl-C during decoding must stop the run, not fail a video
     try:
         status = args.run(args)
     except X3DNetError as e:

@@ -36,6 +36,7 @@ from .factory import DEFAULT_MODEL, load_model
 from .predict import kinetics400_classes, read_labels
 from .runs import LOG, log_line, log_path, open_run, start_run, write_results
 from .streaming import ClipScorer, StreamingX3D, warmup_frames
+from .video import check_interrupt
 from .views import ViewRecipe, Views, make_views, view_recipe
 from .weights import get_weights, resolve_weights
 
@@ -355,6 +356,7 @@ def _run(engine, items, dataset: Dataset, records: list[dict], *, batch_size: in
 
     try:
         for index, views, error in items:
+            check_interrupt()  # a Ctrl-C that FFmpeg swallowed while this video was decoded
             sample = dataset.samples[index]
             if error is not None:
                 record({"index": index, "video": sample.video, "label": sample.label, "error": error})

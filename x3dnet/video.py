@@ -11,6 +11,8 @@ from __future__ import annotations
 import math
 import os
 import re
+import signal
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -24,6 +26,7 @@ from .errors import VideoError
 from .paths import input_file
 
 RESIZE_MODES = ("area", "bilinear")
+_INTERRUPTED = threading.Event()  # set by on_sigint: FFmpeg's interrupt callback can swallow Ctrl-C
 _SEEK_GAP_S = 2.0  # seek only across gaps longer than this; shorter ones decode faster than a seek
 
 
@@ -257,6 +260,20 @@ def read_segments(
     return Decoded(segments, sorted(set(corrupt)))
 
 
+def on_sigint(signum: int, frame: object) -> None:
+    """SIGINT handler (``x3dnet`` installs it): remember the interrupt, then raise KeyboardInterrupt as Python
+    does. PyAV runs pending signal handlers inside FFmpeg's interrupt callback, where the exception can be
+    lost or turned into a decoding error; ``check_interrupt`` and ``_decode`` raise it again from the flag."""
+    _INTERRUPTED.set()
+    signal.default_int_handler(signum, frame)
+
+
+def check_interrupt() -> None:
+    """Raise KeyboardInterrupt if Ctrl-C came while FFmpeg was running (see ``on_sigint``)."""
+    if _INTERRUPTED.is_set():
+        raise KeyboardInterrupt
+
+
 URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
 
@@ -380,6 +397,7 @@ def _decode(path: str | os.PathLike[str], container: av.container.InputContainer
         # FFmpeg stopped because a signal came (PyAV's interrupt callback): Ctrl-C, not a broken video.
         raise KeyboardInterrupt from None
     except av.FFmpegError as e:
+        check_interrupt()
         raise VideoError(f"{path}: cannot be decoded ({_reason(e)})") from None
 
 
