@@ -1,13 +1,14 @@
 """Streaming X3D against the clip model, per prediction, in one run on this machine (batch 1).
 
-    python benchmarks/bench_stream.py [--models x3d_s x3d_m] [--steps 60] [--clips 10] [--co3d CHECKOUT]
+    python benchmarks/bench_stream.py [--models x3d_s x3d_m] [--steps 60] [--clips 10] [--stages 2] [--co3d CHECKOUT]
 
 Per model (random weights; speed does not depend on them): the multiply-adds of one steady-state step
 (FlopCounterMode: conv and linear layers, as the clip models' GMACs are counted; co3d measured 166.6 M
-for S and 325.5 M for M), steady-state steps/s of the stream on eager PyTorch and on the default engine
-(OpenVINO where installed), the clip model's clips/s on the same engines (when every prediction needs a
+for S and 325.5 M for M), steady-state steps/s of the stream on eager PyTorch and on OpenVINO (where
+installed) as one graph stepped by ``step`` and in ``--stages`` parts overlapped by ``run`` (the default
+engine of ``x3dnet stream``), the clip model's clips/s on the same engines (when every prediction needs a
 clip, clips/s is predictions/s), their ratio (target: at least 8x for X3D-M on the default engine), and
-the latency of a step (median and 99th percentile). Rates come from median calls (a noisy neighbour
+the latency of a step (median and 99th percentile; for overlapped stages, of the interval between results). Rates come from median calls (a noisy neighbour
 moves a mean); rows are measured one after another in this process; run it on a quiet machine.
 ``--co3d CHECKOUT`` also times co3d's own CoX3D (same size, frame SE, replicate fill) from a co3d
 checkout, with ``pip install continual-inference==1.2.4``: the issue's side-by-side (target: 3x its steps/s).
@@ -35,20 +36,30 @@ def step_macs(stream: StreamingX3D, frame: torch.Tensor) -> float:
     return counter.get_total_flops() / 2
 
 
-def stream_rate(model, backend: str, steps: int) -> tuple[float, float, float, float | None]:
+def stream_rate(model, backend: str, steps: int, stages: int = 1) -> tuple[float, float, float, float | None]:
     """(steps/s from the median step, median ms, p99 ms) of steady-state steps, and (eager only) the
-    multiply-adds of one step. The engine is gone when this returns: an idle engine's threads would
-    compete with the next row's."""
-    stream = StreamingX3D(model, backend=backend)
+    multiply-adds of one step. One stage: ``step`` calls, timed one by one (a step's latency). Several:
+    ``run`` over a stream of frames, overlapping the stages, timed between consecutive results (a
+    frame's result comes that many intervals after it went in). The engine is gone when this returns:
+    an idle engine's threads would compete with the next row's."""
+    stream = StreamingX3D(model, backend=backend, stages=stages)
     crop = model.config.train_crop
     frames = torch.randn(8, 1, 3, crop, crop, generator=torch.Generator().manual_seed(0))
     for t in range(stream.delay + 4):  # past the delay: the engine holds the state from here
         stream.step(frames[t % 8])
     times = []
-    for t in range(steps):
-        start = time.perf_counter()
-        stream.step(frames[t % 8])
-        times.append(time.perf_counter() - start)
+    if stages == 1:
+        for t in range(steps):
+            start = time.perf_counter()
+            stream.step(frames[t % 8])
+            times.append(time.perf_counter() - start)
+    else:
+        last = time.perf_counter()
+        for _ in stream.run(frames[t % 8] for t in range(steps + 1)):
+            now = time.perf_counter()
+            times.append(now - last)
+            last = now
+        times = times[1:]  # the first result waited for the pipeline to fill
     times.sort()
     median = statistics.median(times)
     macs = step_macs(stream, frames[0]) if backend == "torch" else None
@@ -121,6 +132,9 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["x3d_s", "x3d_m"])
     parser.add_argument("--steps", type=int, default=60, help="timed steady-state steps per row (default 60)")
     parser.add_argument("--clips", type=int, default=10, help="timed clips per clip-model row (default 10)")
+    parser.add_argument("--stages", type=int, default=2,
+                        help="also time the OpenVINO stream in this many overlapped stages, as x3dnet stream runs "
+                             "it (default 2; 1: only the single graph)")
     parser.add_argument("--co3d", type=Path, metavar="CHECKOUT",
                         help="also time co3d's own CoX3D from this co3d checkout (needs continual-inference)")
     args = parser.parse_args()
@@ -132,14 +146,18 @@ def main() -> None:
         c = model.config
         rates = {}
         for backend in engines:
-            steps_s, median, p99, macs = stream_rate(model, backend, args.steps)
-            rates[backend] = steps_s
             clips_s = clip_rate(model, backend, args.clips)
-            line = (f"{name} {backend:>8}: stream {steps_s:6.2f} steps/s (step {median:.1f} ms median, {p99:.1f} ms "
-                    f"p99), clip model {clips_s:5.2f} clips/s ({c.frames}x{c.train_crop}^2): {steps_s / clips_s:5.2f}x")
-            if macs is not None:
-                line += f"; {macs / 1e6:.1f} M multiply-adds per step"
-            print(line, flush=True)
+            for stages in (1, args.stages) if backend == "openvino" and args.stages > 1 else (1,):
+                steps_s, median, p99, macs = stream_rate(model, backend, args.steps, stages)
+                label = backend if stages == 1 else f"{backend}, {stages} stages overlapped"
+                rates[label] = steps_s
+                what = "step" if stages == 1 else "interval"
+                line = (f"{name} {label:>8}: stream {steps_s:6.2f} steps/s ({what} {median:.1f} ms median, {p99:.1f} "
+                        f"ms p99), clip model {clips_s:5.2f} clips/s ({c.frames}x{c.train_crop}^2): "
+                        f"{steps_s / clips_s:5.2f}x")
+                if macs is not None:
+                    line += f"; {macs / 1e6:.1f} M multiply-adds per step"
+                print(line, flush=True)
         if args.co3d:
             theirs = co3d_rate(args.co3d, name, args.steps)
             print(f"{name} co3d's CoX3D (eager, continual-inference): {theirs:6.2f} steps/s; ours: eager "

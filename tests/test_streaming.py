@@ -22,7 +22,7 @@ from test_predict import TINY_RECIPE, tiny  # noqa: F401 (module-scoped fixture)
 from x3dnet import X3D, get_config, load_weights
 from x3dnet.backends import installed
 from x3dnet.errors import BackendError, ConfigError
-from x3dnet.streaming import ClipScorer, StreamingX3D, _OpenVinoStep, check_stream, warmup_frames
+from x3dnet.streaming import ClipScorer, StreamingX3D, _OpenVinoStep, _partition, check_stream, warmup_frames
 from x3dnet.synthetic import make_dataset
 from x3dnet.views import ViewRecipe, make_views
 
@@ -198,6 +198,75 @@ def test_openvino_steps_equal_eager_and_hand_back_their_state(tiny_a, monkeypatc
     monkeypatch.setattr(_OpenVinoStep, "__call__", lambda self, frame: torch.zeros(1, 10))
     with pytest.raises(BackendError, match="disagrees with eager"):
         check_stream(compiled)  # what the constructor runs
+
+
+@pytest.mark.skipif(not installed("openvino"), reason="openvino is not installed")
+@pytest.mark.parametrize("stages", [2, 3])
+def test_openvino_in_overlapped_stages_equals_eager(tiny_a, stages):
+    """The network cut into parts that ``run`` overlaps on consecutive frames: every result is eager's, in
+    order, by ``step`` and by ``run``; a consumer that stops early leaves a state that has seen exactly the
+    frames taken; a source that fails mid-way gets the results of the frames it gave, then its error."""
+    frames = moving_frames(46)
+    eager = StreamingX3D(tiny_a, pool_frames=3, se="clip", fill="zeros")
+    staged = StreamingX3D(tiny_a, pool_frames=3, se="clip", fill="zeros", backend="openvino", stages=stages)
+    assert staged.parity < 1e-5 and len(staged.engine.parts) == stages
+    cuts = staged.engine.cuts
+    assert cuts[0] == 0 and cuts[-1] == len(staged.net.res2) + len(staged.net.res3) + len(staged.net.res4) + \
+        len(staged.net.res5) + 2 and all(a < b for a, b in zip(cuts, cuts[1:]))
+    assert f"{stages} overlapped stages" in staged.describe()
+    expected = steps(eager, frames)
+
+    def close(got, want):
+        assert [g is None for g in got] == [w is None for w in want]
+        torch.testing.assert_close(torch.cat([g for g in got if g is not None]).softmax(1),
+                                   torch.cat([w for w in want if w is not None]).softmax(1), atol=1e-5, rtol=0)
+
+    close(steps(staged, frames), expected)
+    staged.reset()
+    close(list(staged.run(frames[:, :, t] for t in range(46))), expected)
+    # Stop after 30 results: the frames in flight were taken, so the state has seen them; step() goes on.
+    staged.reset()
+    taken = []
+
+    def source():
+        for t in range(46):
+            taken.append(t)
+            yield frames[:, :, t]
+
+    run = staged.run(source())
+    got = [next(run) for _ in range(30)]
+    run.close()
+    assert len(taken) == 30 + stages - 1 and staged.steps == len(taken)
+    close(got + [staged.step(frames[:, :, t]) for t in range(len(taken), 46)], expected[:30] + expected[len(taken):])
+
+    def failing():
+        yield from (frames[:, :, t] for t in range(40))
+        raise OSError("the camera went away")
+
+    staged.reset()
+    got = []
+    with pytest.raises(OSError, match="camera went away"):
+        for scores in staged.run(failing()):
+            got.append(scores)
+    close(got, expected[:40])
+    with pytest.raises(ConfigError, match="only the openvino stream"):
+        StreamingX3D(tiny_a, stages=2)
+    with pytest.raises(ConfigError, match="stages must be"):
+        StreamingX3D(tiny_a, backend="openvino", stages=0)
+
+
+def test_stages_are_cut_where_the_slowest_is_fastest():
+    """``_partition`` against every way to cut a few costs into contiguous runs."""
+    from itertools import combinations
+
+    rng = np.random.default_rng(0)
+    for n, parts in ((6, 1), (7, 2), (9, 3), (8, 4), (5, 5)):
+        costs = rng.uniform(0.1, 5.0, n).round(3).tolist()
+        best = min(max(sum(costs[a:b]) for a, b in zip((0, *c), (*c, n)))
+                   for c in combinations(range(1, n), parts - 1))
+        cuts = _partition(costs, parts)
+        assert cuts[0] == 0 and cuts[-1] == n and len(cuts) == parts + 1 and all(a < b for a, b in zip(cuts, cuts[1:]))
+        assert max(sum(costs[a:b]) for a, b in zip(cuts, cuts[1:])) == pytest.approx(best)
 
 
 # --- the command and the evaluation protocol -------------------------------------------------------------

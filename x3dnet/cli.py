@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import signal
 import sys
 import threading
@@ -171,7 +172,8 @@ def stream_source(args: argparse.Namespace) -> int:
     backend = args.backend
     if backend == "auto":
         backend = "openvino" if args.device == "cpu" and installed("openvino") else "torch"
-    stream = StreamingX3D(net, device=args.device, backend=backend, **_stream_options(args))
+    stages = args.stages or (2 if backend == "openvino" and (os.cpu_count() or 1) >= 2 else 1)
+    stream = StreamingX3D(net, device=args.device, backend=backend, stages=stages, **_stream_options(args))
     writer = AnnotatedVideo(args.out) if args.out else None  # refuses a bad path before decoding
     steps = 0
     top: list[tuple[str, float]] = []
@@ -439,6 +441,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=("auto", *STREAM_BACKENDS), default="auto",
                    help="torch (eager) or openvino (the steady-state step compiled; CPU); default auto: openvino "
                         "where installed")
+    p.add_argument("--stages", type=_positive, metavar="N",
+                   help="openvino: run the network as N parts overlapped on consecutive steps, each on its share "
+                        "of the cores (default 2 where there are 2 or more cores, else 1)")
     p.add_argument("--timeout", type=_positive_float, default=10.0,
                    help="seconds a live source may stay silent before it counts as broken (default 10)")
     p.set_defaults(run=stream_source)

@@ -20,8 +20,10 @@ from __future__ import annotations
 import copy
 import os
 import tempfile
+import time
 import warnings
-from collections.abc import Iterator
+from collections import deque
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -31,6 +33,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
 
 from .backends import FP32_LOG_TOLERANCE, FP32_TOLERANCE, check_device, installed
 from .errors import BackendError, ConfigError
@@ -136,23 +139,29 @@ def _blocks(net: X3D) -> list[Block]:
     return [*net.res2, *net.res3, *net.res4, *net.res5]
 
 
-def _forward(net: X3D, x: Tensor, st: _State, *, scope: Scope, pool: int) -> Tensor | None:
-    """Frames ``(B, 3, n, H, W)`` through the folded ``net`` -> scores ``(B, m, classes)`` for the last m
-    of them (m < n while the network still withholds its first outputs), or None if it emits nothing."""
-    x = net.stem.conv_spatial(x)
-    x = st.conv("stem", x, net.stem.conv_temporal, pad=2)
-    if not x.shape[2]:
-        return None
-    x = F.relu(x)
-    for i, block in enumerate(_blocks(net)):
-        x = _block(str(i), block, x, st, scope=scope, pool=pool)
+def _unit(key: str, blocks: int) -> int:
+    """The unit (0 the stem, 1..blocks the blocks, blocks + 1 the head) a buffer belongs to."""
+    return 0 if key == "stem" else blocks + 1 if key == "head" else int(key.split(".")[0]) + 1
+
+
+def _forward(net: X3D, x: Tensor, st: _State, *, scope: Scope, pool: int, lo: int = 0,
+             hi: int | None = None) -> Tensor | None:
+    """A chunk through units ``lo`` to ``hi - 1`` of the folded ``net`` (0 the stem, then its blocks, the head
+    last; default all of them): frames ``(B, 3, n, H, W)`` into the stem, activations ``(B, C, n, H, W)``
+    between units, scores ``(B, m, classes)`` out of the head for the last m frames (m < n while the
+    network still withholds its first outputs), or None if nothing comes out."""
+    blocks = _blocks(net)
+    for unit in range(lo, len(blocks) + 2 if hi is None else hi):
+        if unit == 0:
+            x = F.relu(st.conv("stem", net.stem.conv_spatial(x), net.stem.conv_temporal, pad=2))
+        elif unit <= len(blocks):
+            x = _block(str(unit - 1), blocks[unit - 1], x, st, scope=scope, pool=pool)
+        else:
+            v = st.mean("head", F.relu(net.conv5(x)).mean((3, 4)), pool)  # conv5's whole map at the training crop
+            return net.fc2(F.relu(net.fc1(v.transpose(1, 2)))) if v.shape[2] else None
         if not x.shape[2]:
             return None
-    x = F.relu(net.conv5(x))
-    v = st.mean("head", x.mean((3, 4)), pool)  # the head window: all of conv5's map at the training crop
-    if not v.shape[2]:
-        return None
-    return net.fc2(F.relu(net.fc1(v.transpose(1, 2))))
+    return x
 
 
 class StreamingX3D:
@@ -164,12 +173,15 @@ class StreamingX3D:
     ``se``: squeeze-excitation over the current frame or the last P frames. ``fill``: what temporal
     convolutions see before the first frame. ``backend``: ``torch`` (eager) or ``openvino`` (the steady
     state as one compiled graph whose buffers stay inside the engine; the first ``delay`` steps run
-    eagerly), checked against eager when built. ``device``: where the eager network runs.
+    eagerly), checked against eager when built. ``device``: where the eager network runs. ``stages``
+    (openvino): cut the network into that many parts that ``run`` overlaps on consecutive frames, each
+    with its share of ``threads`` (more frames per second on a stream; ``step`` runs them one after the
+    other, so its latency is that of one part per core).
     """
 
     def __init__(self, model: X3D, *, pool_frames: int | None = None, se: Scope = "frame",
                  fill: Fill = "replicate", backend: str = "torch", device: str = "cpu", threads: int | None = None,
-                 check: bool = True) -> None:
+                 stages: int = 1, check: bool = True) -> None:
         config = model.config
         pool = config.frames if pool_frames is None else pool_frames
         if isinstance(pool, bool) or not isinstance(pool, int) or not 1 <= pool <= 4096:
@@ -180,6 +192,10 @@ class StreamingX3D:
             raise ConfigError(f"fill must be 'zeros' or 'replicate', not {fill!r}")
         if backend not in STREAM_BACKENDS:
             raise BackendError(f"a stream runs on {' or '.join(STREAM_BACKENDS)}, not {backend!r}")
+        if isinstance(stages, bool) or not isinstance(stages, int) or not 1 <= stages <= 8:
+            raise ConfigError(f"stages must be a whole number from 1 to 8, not {stages!r}")
+        if stages > 1 and backend != "openvino":
+            raise ConfigError("stages: only the openvino stream runs in stages")
         check_device(device)
         self.config, self.pool_frames, self.se, self.fill, self.device = config, pool, se, fill, device
         self.net = fold_batchnorm(model).float().to(device)
@@ -194,7 +210,7 @@ class StreamingX3D:
         self.parity: float | None = None  # the engine's max |dp| against eager, once checked
         self.reset()
         if backend == "openvino":
-            self.engine = _OpenVinoStep(self, threads=threads)
+            self.engine = _OpenVinoStep(self, threads=threads, stages=stages)
             if check:
                 self.parity = check_stream(self)
 
@@ -203,7 +219,10 @@ class StreamingX3D:
         return "torch" if self.engine is None else "openvino"
 
     def describe(self) -> str:
-        return (f"streaming on {self.backend} ({self.device}): pool {self.pool_frames}, se {self.se}, fill "
+        engine = self.backend
+        if self.engine is not None and len(self.engine.parts) > 1:
+            engine += f" in {len(self.engine.parts)} overlapped stages (units cut at {self.engine.cuts[1:-1]})"
+        return (f"streaming on {engine} ({self.device}): pool {self.pool_frames}, se {self.se}, fill "
                 f"{self.fill}; first prediction at step {self.delay}, receptive field {self.receptive_field}")
 
     def reset(self) -> None:
@@ -224,6 +243,30 @@ class StreamingX3D:
             return self.engine(frame)
         scores = self._eager(frame[:, :, None])
         return None if scores is None else scores[:, -1]
+
+    def run(self, frames: Iterable[Tensor]) -> Iterator[Tensor | None]:
+        """``step`` over ``frames``, yielding each result in order. On an engine in stages, consecutive
+        frames overlap (stage 2 on frame n while stage 1 takes frame n + 1), so this is the fast way to
+        stream: a frame is taken from ``frames`` before the previous frame's result is yielded. Stopping
+        early finishes the frames already taken (the state has seen them) and drops their results."""
+        frames = iter(frames)
+        with torch.inference_mode():
+            while self.engine is None or self.steps <= self.delay:
+                frame = next(frames, None)
+                if frame is None:
+                    return
+                yield self.step(frame)
+            if not self._on_engine:
+                self.engine.load(self._state.buffers)
+                self._on_engine = True
+
+            def fed() -> Iterator[Tensor]:
+                for frame in frames:
+                    self._check(frame, 4)
+                    self.steps += 1
+                    yield frame
+
+            yield from self.engine.run(fed())
 
     @torch.inference_mode()
     def forward_steps(self, clip: Tensor) -> Tensor:
@@ -252,17 +295,21 @@ class StreamingX3D:
 
 
 class _SteadyStep(nn.Module):
-    """One steady-state step as a module of explicit tensors: (frame, *buffers) -> (scores, *buffers)."""
+    """Units ``lo`` to ``hi - 1`` of one steady-state step as a module of explicit tensors:
+    (input, *buffers) -> (output, *buffers). The input is a frame (B, 3, H, W) when the stem is in, else
+    the activation of one frame (B, C, 1, H, W); the output is the scores (B, classes) when the head is in."""
 
-    def __init__(self, stream: StreamingX3D, keys: list[str]) -> None:
+    def __init__(self, stream: StreamingX3D, keys: list[str], lo: int, hi: int) -> None:
         super().__init__()
-        self.net, self.keys = stream.net, keys
+        self.net, self.keys, self.lo, self.hi = stream.net, keys, lo, hi
         self.fill, self.scope, self.pool = stream.fill, stream.se, stream.pool_frames
+        self.last = hi == len(_blocks(stream.net)) + 2
 
-    def forward(self, frame: Tensor, *buffers: Tensor) -> tuple[Tensor, ...]:
+    def forward(self, x: Tensor, *buffers: Tensor) -> tuple[Tensor, ...]:
         st = _State(self.fill, dict(zip(self.keys, buffers, strict=True)))
-        scores = _forward(self.net, frame[:, :, None], st, scope=self.scope, pool=self.pool)
-        return (scores[:, 0], *(st.buffers[k] for k in self.keys))
+        out = _forward(self.net, x[:, :, None] if self.lo == 0 else x, st, scope=self.scope, pool=self.pool,
+                       lo=self.lo, hi=self.hi)
+        return (out[:, 0] if self.last else out, *(st.buffers[k] for k in self.keys))
 
 
 def steady_state(stream: StreamingX3D, frames: Tensor | None = None) -> dict[str, Tensor]:
@@ -278,45 +325,58 @@ def steady_state(stream: StreamingX3D, frames: Tensor | None = None) -> dict[str
     return {k: v.clone() for k, v in probe._state.buffers.items()}
 
 
-def export_stream_onnx(stream: StreamingX3D, path: str | Path) -> tuple[Path, list[str]]:
-    """Write the steady-state step (batch 1) as ONNX: inputs ``frame`` and ``state.<layer>``, outputs
-    ``scores`` and ``next.<layer>``. Returns the path and the buffer names in order."""
-    buffers = steady_state(stream)
-    keys = list(buffers)
-    module = _SteadyStep(stream, keys).cpu().eval()
-    net_device = next(stream.net.parameters()).device
-    module.net = copy.deepcopy(stream.net).cpu() if net_device.type != "cpu" else module.net
+def export_stream_onnx(stream: StreamingX3D, path: str | Path, lo: int = 0, hi: int | None = None,
+                       buffers: dict[str, Tensor] | None = None) -> tuple[Path, list[str]]:
+    """Write units ``lo`` to ``hi - 1`` (default: the whole network) of the steady-state step (batch 1) as
+    ONNX: inputs ``x`` (a frame, or the activation of the unit before) and ``state.<layer>``, outputs ``y``
+    (the scores, or this part's activation) and ``next.<layer>``, traced from ``buffers`` (default: a
+    ``steady_state``). Returns the path and the buffer names."""
+    blocks = len(_blocks(stream.net))
+    hi = blocks + 2 if hi is None else hi
+    buffers = steady_state(stream) if buffers is None else buffers
+    keys = [k for k in buffers if lo <= _unit(k, blocks) < hi]
+    net = copy.deepcopy(stream.net).cpu() if next(stream.net.parameters()).device.type != "cpu" else stream.net
     crop = stream.config.train_crop
-    args = (torch.zeros(1, 3, crop, crop), *(buffers[k].cpu() for k in keys))
+    x = torch.zeros(1, 3, crop, crop)
+    if lo > 0:  # the activation that comes into unit lo, from the steady state
+        st = _State(stream.fill, {k: v.cpu().clone() for k, v in buffers.items()})
+        with torch.inference_mode():
+            x = _forward(net, x[:, :, None], st, scope=stream.se, pool=stream.pool_frames, hi=lo)
+    module = _SteadyStep(stream, keys, lo, hi).cpu().eval()
+    module.net = net
     path = Path(path)
     with warnings.catch_warnings(), torch.inference_mode():
         warnings.simplefilter("ignore")
-        torch.onnx.export(module, args, str(path), input_names=["frame", *(f"state.{k}" for k in keys)],
-                          output_names=["scores", *(f"next.{k}" for k in keys)], opset_version=17, dynamo=False)
+        torch.onnx.export(module, (x, *(buffers[k].cpu() for k in keys)), str(path),
+                          input_names=["x", *(f"state.{k}" for k in keys)],
+                          output_names=["y", *(f"next.{k}" for k in keys)], opset_version=17, dynamo=False)
     return path, keys
 
 
-class _OpenVinoStep:
-    """The steady-state step compiled by OpenVINO for the CPU, its buffers kept as the infer request's
-    variables (OpenVINO's MakeStateful pass over the exported inputs/outputs), so a step moves one frame
-    in and the scores out."""
+class _OpenVinoPart:
+    """Units ``lo`` to ``hi - 1`` of the steady-state step compiled by OpenVINO for the CPU, its buffers kept
+    as the infer request's variables (OpenVINO's MakeStateful pass over the exported inputs/outputs), so a
+    step moves its input in and its output out. ``pinned=False`` lets several parts run at once on
+    different cores (OpenVINO's default pinning put them on the same one)."""
 
-    def __init__(self, stream: StreamingX3D, *, threads: int | None = None) -> None:
-        if not installed("openvino"):
-            raise BackendError("openvino is not installed (pip install 'x3dnet[fast]')")
-        if stream.device != "cpu":
-            raise BackendError("openvino: x3dnet runs OpenVINO on the CPU only")
+    def __init__(self, stream: StreamingX3D, lo: int, hi: int, buffers: dict[str, Tensor], *, threads: int | None,
+                 pinned: bool) -> None:
         import openvino as ov
         from openvino._offline_transformations import apply_make_stateful_transformation
 
+        self.lo, self.hi = lo, hi
         with tempfile.TemporaryDirectory() as tmp:
-            path, self.keys = export_stream_onnx(stream, Path(tmp) / "step.onnx")
+            path, self.keys = export_stream_onnx(stream, Path(tmp) / "step.onnx", lo, hi, buffers)
             core = ov.Core()
             graph = core.read_model(str(path))
-        apply_make_stateful_transformation(graph, {f"state.{k}": f"next.{k}" for k in self.keys})
+        self.shape = tuple(graph.inputs[0].shape)
+        if self.keys:
+            apply_make_stateful_transformation(graph, {f"state.{k}": f"next.{k}" for k in self.keys})
         config = {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY"}
         if threads:
             config["INFERENCE_NUM_THREADS"] = threads
+        if not pinned:
+            config["ENABLE_CPU_PINNING"] = False
         self.request = core.compile_model(graph, "CPU", config).create_infer_request()
         # The pass names each variable after its input and output joined (releases differ): map them back.
         by_name = {v.name: v for v in self.request.query_state()}
@@ -332,12 +392,173 @@ class _OpenVinoStep:
     def state(self) -> dict[str, Tensor]:
         return {k: torch.from_numpy(self.variables[k].state.data.copy()) for k in self.keys}
 
+    def start(self, x: np.ndarray) -> None:
+        self.request.start_async({0: x}, share_inputs=True)
+
+    def wait(self) -> np.ndarray:
+        self.request.wait()
+        return self.request.get_output_tensor(0).data.copy()
+
+
+class _MacCounter(TorchFunctionMode):
+    """Multiply-adds of the convolutions and linear layers run under it (FlopCounterMode takes seconds to
+    import)."""
+
+    macs = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func in (F.conv3d, F.linear):
+            self.macs += out.numel() * args[1][0].numel()
+        return out
+
+
+def _unit_costs(stream: StreamingX3D, buffers: dict[str, Tensor]) -> list[float]:
+    """An estimate of each unit's share of a steady step on one core: its multiply-adds plus the elements
+    it moves (its buffers, input and output), which dominate the early high-resolution units. Measured
+    stage times correct it (``_OpenVinoStep``)."""
+    blocks = len(_blocks(stream.net))
+    st = _State(stream.fill, {k: v.clone() for k, v in buffers.items()})
+    net = stream.net  # on the CPU, as OpenVINO
+    crop = stream.config.train_crop
+    x = torch.zeros(1, 3, 1, crop, crop)
+    costs = []
+    with torch.inference_mode():
+        for unit in range(blocks + 2):
+            with _MacCounter() as counter:
+                y = _forward(net, x, st, scope=stream.se, pool=stream.pool_frames, lo=unit, hi=unit + 1)
+            moved = x.numel() + y.numel() + sum(v.numel() for k, v in buffers.items() if _unit(k, blocks) == unit)
+            costs.append(counter.macs + 50 * moved + 3e6)  # + a per-unit overhead
+            x = y
+    return costs
+
+
+def _partition(costs: list[float], parts: int) -> list[int]:
+    """Cut points ``[0, c1, ..., len(costs)]`` of ``parts`` contiguous runs of ``costs`` whose largest sum
+    is the smallest possible."""
+    n = len(costs)
+    prefix = [0.0]
+    for c in costs:
+        prefix.append(prefix[-1] + c)
+    # best[p][i]: the smallest largest sum of the first i units in p runs, and where its last run starts.
+    best = [[(float("inf"), 0)] * (n + 1) for _ in range(parts + 1)]
+    best[0][0] = (0.0, 0)
+    for p in range(1, parts + 1):
+        for i in range(p, n + 1):
+            best[p][i] = min((max(best[p - 1][j][0], prefix[i] - prefix[j]), j) for j in range(p - 1, i))
+    cuts, i = [n], n
+    for p in range(parts, 0, -1):
+        i = best[p][i][1]
+        cuts.append(i)
+    return cuts[::-1]
+
+
+class _OpenVinoStep:
+    """The steady-state step on OpenVINO: one compiled graph (``stages=1``, every thread on each step), or
+    the network cut into ``stages`` consecutive parts with ``threads // stages`` threads each, which
+    ``run`` overlaps (part 2 on frame n while part 1 takes frame n + 1), so a stream of frames keeps every
+    core busy with a one-frame network. The cuts balance the parts' measured times."""
+
+    def __init__(self, stream: StreamingX3D, *, threads: int | None = None, stages: int = 1) -> None:
+        if not installed("openvino"):
+            raise BackendError("openvino is not installed (pip install 'x3dnet[fast]')")
+        if stream.device != "cpu":
+            raise BackendError("openvino: x3dnet runs OpenVINO on the CPU only")
+        units = len(_blocks(stream.net)) + 2
+        if stages > units:
+            raise ConfigError(f"stages: {stream.config.name} has {units} units (stem, blocks, head) to cut, not {stages}")
+        buffers = steady_state(stream)
+        if stages == 1:
+            self.parts = [_OpenVinoPart(stream, 0, units, buffers, threads=threads, pinned=True)]
+            return
+        per_part = max(1, (threads or os.cpu_count() or 1) // stages)
+        costs = _unit_costs(stream, buffers)
+        cuts = _partition(costs, stages)
+        self.parts = self._build(stream, cuts, buffers, per_part)
+        # Correct the estimate by each part's measured time, once: scale its units' costs and cut again
+        # where that promises a clearly shorter slowest part (timings move by a few percent run to run).
+        measured = [self._time(part) for part in self.parts]
+        scaled = [c * m / sum(costs[a:b]) for a, b, m in zip(cuts, cuts[1:], measured) for c in costs[a:b]]
+        better = _partition(scaled, stages)
+        slowest = max(sum(scaled[a:b]) for a, b in zip(better, better[1:]))
+        if better != cuts and slowest < 0.95 * max(measured):
+            self.parts = self._build(stream, better, buffers, per_part)
+
+    @staticmethod
+    def _build(stream: StreamingX3D, cuts: list[int], buffers: dict[str, Tensor], threads: int) -> list[_OpenVinoPart]:
+        return [_OpenVinoPart(stream, a, b, buffers, threads=threads, pinned=False) for a, b in zip(cuts, cuts[1:])]
+
+    @staticmethod
+    def _time(part: _OpenVinoPart, calls: int = 8) -> float:
+        """Seconds of one call of ``part`` alone (the fastest of ``calls``, after one to warm up)."""
+        x = np.zeros(part.shape, np.float32)
+        times = []
+        for _ in range(calls + 1):
+            start = time.perf_counter()
+            part.start(x)
+            part.wait()
+            times.append(time.perf_counter() - start)
+        return min(times[1:])
+
+    @property
+    def cuts(self) -> list[int]:
+        return [self.parts[0].lo, *(p.hi for p in self.parts)]
+
+    def load(self, buffers: dict[str, Tensor]) -> None:
+        for part in self.parts:
+            part.load(buffers)
+
+    def state(self) -> dict[str, Tensor]:
+        return {k: v for part in self.parts for k, v in part.state().items()}
+
     def __call__(self, frame: Tensor) -> Tensor:
-        frames = np.ascontiguousarray(frame.float().cpu().numpy())
-        if len(frames) != 1:
+        x = self._input(frame)
+        for part in self.parts:
+            part.start(x)
+            x = part.wait()
+        return torch.from_numpy(x)
+
+    def run(self, frames: Iterator[Tensor]) -> Iterator[Tensor]:
+        """The scores of each of ``frames`` in order, the parts overlapped on consecutive frames. A source
+        that raises still gets the scores of the frames it gave, then its error. Frames already taken
+        when the consumer stops are finished (the state has seen them) but their scores are dropped."""
+        n = len(self.parts)
+        waiting: list[np.ndarray | None] = [None] * n  # the input each part takes next
+        error, more = None, True
+        try:
+            while True:
+                if more:
+                    try:
+                        waiting[0] = self._input(next(frames))
+                    except StopIteration:
+                        more = False
+                    except Exception as e:  # noqa: BLE001 - raised again after the frames in flight
+                        error, more = e, False
+                busy = [j for j in range(n) if waiting[j] is not None]
+                if not busy:
+                    break
+                for j in busy:
+                    self.parts[j].start(waiting[j])
+                done = {j: self.parts[j].wait() for j in busy}
+                waiting = [None] * n
+                for j, out in done.items():
+                    if j + 1 < n:
+                        waiting[j + 1] = out
+                    else:
+                        yield torch.from_numpy(out)
+        finally:  # stopped early: the frames in flight go through the rest, oldest first
+            for j in range(n - 1, -1, -1):
+                x = waiting[j]
+                for part in self.parts[j:] if x is not None else ():
+                    part.start(x)
+                    x = part.wait()
+        if error is not None:
+            raise error
+
+    def _input(self, frame: Tensor) -> np.ndarray:
+        if len(frame) != 1:
             raise BackendError("the openvino stream runs batch 1; use backend='torch' for batches")
-        self.request.infer({0: frames}, share_inputs=True)
-        return torch.from_numpy(self.request.get_output_tensor(0).data.copy())
+        return np.ascontiguousarray(frame.float().cpu().numpy())
 
 
 def check_stream(stream: StreamingX3D) -> float:
@@ -379,26 +600,46 @@ def stream_video(stream: StreamingX3D, source: str | os.PathLike[str], recipe: R
     stride: one step every ``stride`` frames at ``target_fps`` (every 5th frame of a 30 fps video for
     X3D-M, the same span of time at other rates). Each step's frame is resized as co3d's streams are
     (short side to the training crop, bilinear, the recipe's normalisation) and centre-cropped square.
-    Yields every decoded frame; a source that breaks raises ``VideoError`` after the frames it gave."""
+    Yields every decoded frame, in order, once its steps are done (through ``stream.run``, so an engine
+    in stages overlaps consecutive steps); a source that breaks raises ``VideoError`` after the frames it
+    gave."""
     crop = stream.config.train_crop
     fmt = FrameFormat(crop, "bilinear", recipe.mean, recipe.std)
     with FrameSource(source, threads=threads, timeout=timeout) as frames:
         every = recipe.stride * frames.info.fps / recipe.target_fps  # source frames per step
-        next_at, step, probs = 0.0, 0, None
-        for ordinal, seconds, image in frames:
-            fed = []
-            x = None
-            while ordinal + 1e-6 >= next_at:  # a video slower than the step rate repeats frames, as linspace does
-                if x is None:
-                    x = fmt(image)  # (3, H, W) normalised, short side = crop
-                    y0, x0 = crop_offsets(x.shape[1], x.shape[2], crop, 1, "slowfast")[0]
-                    x = x[None, :, y0:y0 + crop, x0:x0 + crop]
-                scores = stream.step(x)
+        due: deque[list] = deque()  # decoded frames not yet yielded: [ordinal, seconds, image, steps, results due]
+
+        def inputs() -> Iterator[Tensor]:
+            next_at, step = 0.0, 0
+            for ordinal, seconds, image in frames:
+                fed, x = [], None
+                while ordinal + 1e-6 >= next_at:  # a video slower than the step rate repeats frames, as linspace does
+                    if x is None:
+                        x = fmt(image)  # (3, H, W) normalised, short side = crop
+                        y0, x0 = crop_offsets(x.shape[1], x.shape[2], crop, 1, "slowfast")[0]
+                        x = x[None, :, y0:y0 + crop, x0:x0 + crop]
+                    fed.append(step)
+                    step += 1
+                    next_at += every
+                due.append([ordinal, seconds, image, fed, len(fed)])
+                yield from (x for _ in fed)
+
+        probs = None
+
+        def ready() -> Iterator[Step]:
+            while due and due[0][4] == 0:
+                ordinal, seconds, image, fed, _ = due.popleft()
+                yield Step(ordinal, seconds, image, frames.info.fps, fed, probs)
+
+        try:
+            for scores in stream.run(inputs()):
+                next(entry for entry in due if entry[4])[4] -= 1  # the oldest frame still due a result
                 probs = None if scores is None else scores[0].softmax(0)
-                fed.append(step)
-                step += 1
-                next_at += every
-            yield Step(ordinal, seconds, image, frames.info.fps, fed, probs)
+                yield from ready()
+        except Exception:
+            yield from ready()  # the frames whose steps are done, then the source's error
+            raise
+        yield from ready()
 
 
 def warmup_frames(stream: StreamingX3D) -> int:
