@@ -14,6 +14,7 @@ from torch import nn
 from x3dnet import X3D, load_weights
 from x3dnet.errors import ConfigError
 from x3dnet.layouts import to_native
+from x3dnet.model import ChannelwiseConv3d, fast_channelwise_backward
 from x3dnet.solver import freeze_bn, precise_bn
 from x3dnet.train import SolverConfig, build_optimizer, lr_at
 
@@ -77,9 +78,20 @@ FINAL_TOLERANCE = {"tiny_a_s1_fp32": 2e-5, "tiny_a_s2_fp32": 2e-5, "tiny_a_s1_fp
 def test_three_sgd_steps_give_slowfasts_weights(case):
     """The original's loop, step by step: lr by epoch, zero_grad, train-mode forward, mean cross-entropy,
     backward, step; the logits, losses, gradient norms, weights, BN statistics and momentum buffers."""
+    _three_steps(case, fast=False)
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.endswith("fp64")])
+def test_three_steps_with_the_fast_channelwise_backward_too(case):
+    # x3dnet train's backward: in fp64 it stays on SlowFast's steps as tightly as torch's own (in fp32 it
+    # rounds differently, and s2's third step amplifies that to 2e-4 in stem.bn's momentum).
+    _three_steps(case, fast=True)
+
+
+def _three_steps(case: str, *, fast: bool) -> None:
     ref = _reference(case)
     dtype = torch.float64 if ref["dtype"] == "float64" else torch.float32
-    model = _tiny(ref, dtype)
+    model = fast_channelwise_backward(_tiny(ref, dtype), fast)
     cfg = SolverConfig(**ref["solver"])
     opt = build_optimizer(model, cfg)
     for k, epoch in enumerate(ref["epochs"]):
@@ -91,6 +103,8 @@ def test_three_sgd_steps_give_slowfasts_weights(case):
         x = ref["inputs"][torch.tensor(ref["index"][k])].to(dtype)
         logits = model(x)
         loss = F.cross_entropy(logits, ref["labels"][k])
+        probe = model.stem.conv_temporal(x.new_ones(1, model.stem.conv_temporal.in_channels, 2, 2, 2))
+        assert ("_ChannelwiseConv3dFunction" in str(probe.grad_fn)) == fast
         if k == 0:  # the forward alone, before any step
             scale = ref["logits0"].abs().max().item()
             assert (logits - ref["logits0"].to(dtype)).abs().max().item() <= 2e-6 * scale
@@ -116,6 +130,42 @@ def test_three_sgd_steps_give_slowfasts_weights(case):
     for name, buffer in momentum.items():
         got = opt.state[params[name]]["momentum_buffer"]
         assert ((got - buffer).abs().max() / buffer.abs().max().clamp_min(1e-3)).item() <= 5 * tol, name
+
+
+@pytest.mark.parametrize(
+    "shape, kernel, stride, padding",
+    [
+        ((3, 6, 4, 9, 9), 3, 1, 1),  # X3D's conv_b
+        ((3, 6, 4, 10, 9), 3, (1, 2, 2), 1),  # its first block in a stage (odd and even sizes)
+        ((2, 5, 7, 4, 3), (5, 1, 1), 1, (2, 0, 0)),  # the stem's temporal conv
+        ((2, 4, 7, 8, 9), (2, 4, 3), (3, 2, 2), (1, 2, 0)),  # even kernels, stride above the kernel, no pad
+        ((2, 3, 6, 7, 8), 1, (1, 2, 2), 0),  # phases that no tap reaches
+    ],
+)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_fast_channelwise_backward_is_torchs(shape, kernel, stride, padding, channels_last):
+    torch.manual_seed(0)
+    fast = ChannelwiseConv3d(shape[1], kernel, stride=stride, padding=padding).double()
+    fast.fast_backward = True
+    plain = nn.Conv3d(shape[1], shape[1], kernel, stride=stride, padding=padding, groups=shape[1], bias=False).double()
+    plain.weight = fast.weight
+    x = torch.randn(shape, dtype=torch.float64)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last_3d)
+    x.requires_grad_()
+    y = fast(x)
+    assert "_ChannelwiseConv3dFunction" in str(y.grad_fn)
+    assert torch.equal(y, plain(x))  # the forward is torch's own
+    grad = torch.randn_like(y)
+    ours = torch.autograd.grad(y, (x, fast.weight), grad)
+    theirs = torch.autograd.grad(plain(x), (x, plain.weight), grad)
+    for a, b in zip(ours, theirs, strict=True):
+        assert a.shape == b.shape
+        assert ((a - b).abs().max() / b.abs().max()).item() < 1e-12
+    with torch.no_grad():
+        assert fast(x).grad_fn is None
+    fast.fast_backward = False
+    assert "_ChannelwiseConv3dFunction" not in str(fast(x).grad_fn)
 
 
 def test_steps_moved_the_weights_far_beyond_the_tolerance():

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import itertools
 import math
 from dataclasses import dataclass
 from typing import Literal
@@ -168,13 +169,117 @@ def get_config(name: str, **overrides: object) -> X3DConfig:
     return VARIANTS[key].replace(**overrides)
 
 
+class _ChannelwiseConv3dFunction(torch.autograd.Function):
+    """A channel-wise conv3d (groups = channels, no bias) whose backward is forward convs and per-tap
+    products. Torch's CPU backward for grouped 3-D convs took 5-10 times its forward's time, and on X3D-XS
+    two thirds of a training step (``benchmarks/bench_train.py`` measures the whole step)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, stride: tuple[int, ...], padding: tuple[int, ...]) -> Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.stride, ctx.padding = stride, padding
+        return F.conv3d(x, weight, None, stride, padding, 1, weight.shape[0])
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: Tensor):
+        x, weight = ctx.saved_tensors
+        grad_x = _channelwise_grad_input(grad, weight, x.shape, ctx.stride, ctx.padding) if ctx.needs_input_grad[0] else None
+        grad_w = _channelwise_grad_weight(grad, x, weight.shape, ctx.stride, ctx.padding) if ctx.needs_input_grad[1] else None
+        return grad_x, grad_w, None, None
+
+
+def _channelwise_grad_input(grad: Tensor, weight: Tensor, size, stride, padding) -> Tensor:
+    """d/dx of a channel-wise conv, one phase of the input at a time (one phase where the stride is 1).
+
+    Along one dimension, input position ``i + s*u`` (phase ``i`` of stride ``s``) receives output ``o``
+    through tap ``k`` where ``s*o + k - p = i + s*u``: the taps ``k = r, r + s, ...`` with ``r = (i + p) % s``,
+    from outputs ``u + q - m`` with ``q = (i + p) // s``. So each phase is a stride-1 correlation of the
+    gradient with those taps reversed, the gradient padded ``len(taps) - 1 - q`` before (a negative pad crops).
+    """
+    out = grad.new_zeros(size)
+    phases = itertools.product(*(range(s) for s in stride))
+    for phase in phases:
+        taps, pads, lengths = [], [], []
+        for dim, (i, s, p) in enumerate(zip(phase, stride, padding)):
+            r, q = (i + p) % s, (i + p) // s
+            k = len(range(r, weight.shape[2 + dim], s))
+            n = len(range(i, size[2 + dim], s))  # input positions in this phase
+            before = k - 1 - q
+            taps.append(slice(r, None, s))
+            pads.append((before, n + k - 1 - grad.shape[2 + dim] - before))
+            lengths.append(n)
+        if 0 in lengths:
+            continue
+        kernel = weight[:, :, taps[0], taps[1], taps[2]]
+        if 0 in kernel.shape:
+            continue  # no tap reaches this phase: its gradient is zero
+        padded = F.pad(grad, [p for pair in reversed(pads) for p in pair])
+        part = F.conv3d(padded, kernel.flip(2, 3, 4), None, 1, 0, 1, weight.shape[0])
+        out[:, :, phase[0] :: stride[0], phase[1] :: stride[1], phase[2] :: stride[2]] = part
+    return out
+
+
+def _channelwise_grad_weight(grad: Tensor, x: Tensor, shape, stride, padding) -> Tensor:
+    """d/dw[c, k] of a channel-wise conv: the sum over samples and output positions of the gradient times
+    the input at the tap's offset. The padded input is split into its stride phases, so that every tap
+    reads a window of one phase in unit steps, a few samples at a time (about 4 MB) so that the passes
+    over them stay in cache."""
+    kernel, channels, out = shape[2:], shape[0], grad.shape[2:]
+    padded = F.pad(x, [p for p in reversed(padding) for _ in range(2)])
+    taps = grad.new_zeros(math.prod(kernel), channels)
+    chunk = max(1, (1 << 20) // grad[0].numel())
+    for n in range(0, grad.shape[0], chunk):
+        g, p = grad[n : n + chunk], padded[n : n + chunk]
+        phases: dict[tuple[int, ...], Tensor] = {}
+        product = torch.empty_like(g)
+        for k, tap in enumerate(itertools.product(*map(range, kernel))):
+            phase = tuple(a % s for a, s in zip(tap, stride))
+            if phase not in phases:
+                phases[phase] = p[:, :, phase[0] :: stride[0], phase[1] :: stride[1], phase[2] :: stride[2]]
+                if any(s > 1 for s in stride):
+                    phases[phase] = phases[phase].contiguous()
+            a, b, c = (t // s for t, s in zip(tap, stride))
+            torch.mul(phases[phase][:, :, a : a + out[0], b : b + out[1], c : c + out[2]], g, out=product)
+            taps[k] += product.view(len(g), channels, -1).sum(2).sum(0)
+    return taps.t().reshape(shape)
+
+
+class ChannelwiseConv3d(nn.Conv3d):
+    """``nn.Conv3d`` with ``groups = channels`` and no bias: the same forward everywhere, the same parameters
+    and state dict. With ``fast_backward`` (``x3dnet train`` sets it: ``fast_channelwise_backward``), training
+    on CPU takes the backward of ``_ChannelwiseConv3dFunction``: the same gradients computed in another
+    order, so fp32 rounding differs from torch's (fp64 agrees to 1e-14). Off, autograd is torch's own, as the
+    original's: what a step-by-step comparison with SlowFast needs."""
+
+    fast_backward = False
+
+    def __init__(self, channels: int, kernel_size, *, stride=1, padding=0) -> None:
+        super().__init__(channels, channels, kernel_size, stride=stride, padding=padding, groups=channels, bias=False)
+
+    def _conv_forward(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        if (self.fast_backward and x.device.type == "cpu" and torch.is_grad_enabled()
+                and (x.requires_grad or weight.requires_grad)
+                and not torch.jit.is_tracing() and not torch.compiler.is_compiling()):
+            return _ChannelwiseConv3dFunction.apply(x, weight, self.stride, self.padding)
+        return super()._conv_forward(x, weight, bias)
+
+
+def fast_channelwise_backward(model: nn.Module, enabled: bool = True) -> nn.Module:
+    """Let every channel-wise conv of ``model`` train with the faster CPU backward (or torch's again)."""
+    for module in model.modules():
+        if isinstance(module, ChannelwiseConv3d):
+            module.fast_backward = enabled
+    return model
+
+
 class Stem(nn.Module):
     """conv1: a spatial 1x3x3 conv (stride 2) then a depthwise temporal 5x1x1 conv, one BN + ReLU."""
 
     def __init__(self, width: int) -> None:
         super().__init__()
         self.conv_spatial = nn.Conv3d(3, width, (1, 3, 3), stride=(1, 2, 2), padding=(0, 1, 1), bias=False)
-        self.conv_temporal = nn.Conv3d(width, width, (5, 1, 1), padding=(2, 0, 0), groups=width, bias=False)
+        self.conv_temporal = ChannelwiseConv3d(width, (5, 1, 1), padding=(2, 0, 0))
         self.bn = nn.BatchNorm3d(width)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -207,9 +312,7 @@ class Block(nn.Module):
             self.shortcut = self.shortcut_bn = None
         self.conv_a = nn.Conv3d(c_in, c_inner, 1, bias=False)
         self.bn_a = nn.BatchNorm3d(c_inner)
-        self.conv_b = nn.Conv3d(
-            c_inner, c_inner, 3, stride=(1, stride, stride), padding=1, groups=c_inner, bias=False
-        )
+        self.conv_b = ChannelwiseConv3d(c_inner, 3, stride=(1, stride, stride), padding=1)
         self.bn_b = nn.BatchNorm3d(c_inner)
         self.se = SqueezeExcite(c_inner, c_se) if se else None
         self.conv_c = nn.Conv3d(c_inner, c_out, 1, bias=False)

@@ -41,7 +41,7 @@ from .datasets import Dataset, read_dataset, training_classes
 from .errors import CheckpointError, ConfigError, X3DNetError
 from .evaluate import _broadcast, _distributed, _worker_init, validate
 from .factory import loaded, resolve_checkpoint
-from .model import X3D, get_config
+from .model import X3D, fast_channelwise_backward, get_config
 from .paths import write_atomic, write_atomic_with
 from .predict import read_labels
 from .recipe import RECIPES, Recipe
@@ -245,6 +245,7 @@ def _train(data, *, val, val_split, model, weights, classes, root, recipe, epoch
     if val_split is not None:
         dataset, val_set = split_dataset(dataset, val_split, seed=seed)
     net, model_recipe, weights_sha, start = _network(model, weights, len(names), dropout)
+    fast_channelwise_backward(net)  # on CPU the channel-wise convs' backward was most of a step
     if model_recipe is None:
         raise ConfigError(f"no recipe is known for {net.config.name}: train from weights that record one")
     recipe = recipe or ("finetune" if weights is not None else "original")
