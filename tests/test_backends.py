@@ -227,7 +227,10 @@ def test_profile_rows(tmp_path, cpu):
         assert (r["model"], r["input"], r["batch_size"], r["gmacs"], r["params_m"]) == (
             "x3d_xs", "4x160x160", 1, 0.6053, 3.794)
         assert r["clips_per_s"] > 0 and r["clips_per_s_std"] >= 0 and r["peak_mem_mb"] > 0
-        assert r["latency_ms"] == pytest.approx(1000 / r["clips_per_s"], rel=0.5)
+        # latency is the mean time per clip, clips/s the mean rate: the mean of the reciprocals is at least the
+        # reciprocal of the mean (equal when every run takes as long), whatever the machine's load does to the
+        # runs (a 50% band around it failed on a loaded machine: 2354 ms against 1000 / clips/s = 1515 ms).
+        assert r["latency_ms"] + 0.005 >= 1000 / (r["clips_per_s"] + 0.0005)  # both are rounded
     assert plot.stat().st_size > 10_000
 
 
