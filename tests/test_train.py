@@ -20,7 +20,7 @@ from test_predict import TINY_RECIPE
 from x3dnet import X3D, load_checkpoint, save_checkpoint
 from x3dnet.datasets import read_dataset, training_classes
 from x3dnet.synthetic import PATTERNS, make_dataset
-from x3dnet.train import SolverConfig, epoch_batches, lr_at, read_train_log, solver_for, split_dataset
+from x3dnet.train import SolverConfig, epoch_batches, initial_network, lr_at, read_train_log, solver_for, split_dataset
 from x3dnet.views import TrainClip, train_clip
 
 TINY_CLIP = TrainClip(frames=4, stride=12, crop=64, jitter=(73, 91))
@@ -168,6 +168,31 @@ def test_resume_after_a_kill_ends_with_the_same_weights_bit_for_bit(setup, tmp_p
     other = subprocess.run(train_cli(setup, out, *args, "--epochs", "3", "--resume", val=False),
                            capture_output=True, text=True)
     assert_one_line_error(other, "differs in solver, epochs")
+
+
+def test_the_initial_weights_are_the_seeds(setup, tmp_path):
+    """From scratch, and a new classifier when fine-tuning: drawn from --seed, not from the process (torch
+    seeds every process differently), so the same command gives the same run and a run killed before its
+    first checkpoint resumes into it."""
+    before = torch.random.get_rng_state()
+    a, b, c = (initial_network("x3d_xs", None, 7, 0.5, seed=s)[0].state_dict() for s in (0, 0, 1))
+    assert torch.equal(torch.random.get_rng_state(), before)  # the process's generator is left alone
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(a["fc1.weight"], c["fc1.weight"]) and not torch.equal(a["fc2.weight"], c["fc2.weight"])
+    # In fresh processes, from weights whose classifier (10 classes) is replaced by a 3-class one.
+    _, weights, _, _, _ = setup
+    data = make_dataset(tmp_path / "data", used=[0, 1, 2], videos_per_class=4, seconds=1.0, seed=5)
+    runs = []
+    for name in ("one", "two"):
+        command = [sys.executable, "-m", "x3dnet", "train", "--data", str(data.videos), "--weights", str(weights),
+                   "--out", str(tmp_path / name), "--no-progress", "--batch-size", "4", "--workers", "0",
+                   "--epochs", "1", "--precise-bn-batches", "1"]
+        done = subprocess.run(command, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        runs.append(state_of(tmp_path / name / "last.safetensors"))
+    one, two = runs
+    assert one["fc2.weight"].shape[0] == 3
+    assert one.keys() == two.keys() and all(torch.equal(one[k], two[k]) for k in one)
 
 
 def _same_but_timing(a, b) -> bool:

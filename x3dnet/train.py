@@ -1,11 +1,12 @@
 """Fine-tuning (or training from scratch) on labelled videos, with the original's recipe, resumable to the bit.
 
-One epoch: the videos in an order drawn from (seed, epoch), one random clip each (``views.train_clip``,
-its randomness drawn from (seed, epoch, video)), SGD steps on the global batch with the lr set every step
-(``solver.lr_at``), dropout seeded from (seed, epoch, step). Nothing depends on the process's history,
-so a run resumed from any checkpoint ends with the weights of an uninterrupted one. Then precise BN, a
-validation pass and the checkpoints. Under ``torchrun`` each process takes its slice of every global
-batch (DDP: gloo on CPU, nccl on CUDA); only rank 0 writes.
+The initial weights are drawn from the seed (``initial_network``). One epoch: the videos in an order
+drawn from (seed, epoch), one random clip each (``views.train_clip``, its randomness drawn from (seed,
+epoch, video)), SGD steps on the global batch with the lr set every step (``solver.lr_at``), dropout
+seeded from (seed, epoch, step). Nothing depends on the process's history, so the same command gives the
+same run, and a run resumed from any checkpoint ends with the weights of an uninterrupted one. Then
+precise BN, a validation pass and the checkpoints. Under ``torchrun`` each process takes its slice of
+every global batch (DDP: gloo on CPU, nccl on CUDA); only rank 0 writes.
 
 The run folder ``out`` holds ``run.json`` (what is trained: a resumed run must match it),
 ``train_log.jsonl`` (a line per step and per epoch), ``last.safetensors`` and ``best.safetensors`` (the
@@ -103,7 +104,7 @@ def _rng(seed: int, *keys: int) -> np.random.Generator:
 
 
 # Stream keys under the seed: every random choice of a run is drawn from one of these.
-_ORDER, _CLIP, _PRECISE_ORDER, _PRECISE_CLIP, _DROPOUT, _SPLIT = range(6)
+_ORDER, _CLIP, _PRECISE_ORDER, _PRECISE_CLIP, _DROPOUT, _SPLIT, _INIT = range(7)
 
 
 class _Clips(TorchDataset):
@@ -222,8 +223,21 @@ def train(
             dist.destroy_process_group()
 
 
+def initial_network(model: str | None, weights, num_classes: int, dropout: float, *,
+                    seed: int) -> tuple[X3D, Recipe | None, str | None, str]:
+    """The network to train, its recipe, the weights file's sha256, and where it starts from.
+
+    The initial weights drawn at random (all of them from scratch, a new classifier when fine-tuning) are a
+    function of ``seed``, not of the process (torch seeds each process differently): the same command gives
+    the same run, and a run killed before its first checkpoint resumes into it. The global generator is
+    left as it was.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(_rng(seed, _INIT).integers(2**62)))
+        return _network(model, weights, num_classes, dropout)
+
+
 def _network(model: str | None, weights, num_classes: int, dropout: float) -> tuple[X3D, Recipe | None, str | None, str]:
-    """The network to train, its recipe, the weights file's sha256, and where it starts from."""
     if weights is None:
         config = get_config(model, num_classes=num_classes, dropout=dropout)
         return X3D(config), RECIPES.get(config.name), None, "the original initialisation"
@@ -244,7 +258,7 @@ def _train(data, *, val, val_split, model, weights, classes, root, recipe, epoch
     val_set = read_dataset(val, classes=names, root=None) if val is not None else None
     if val_split is not None:
         dataset, val_set = split_dataset(dataset, val_split, seed=seed)
-    net, model_recipe, weights_sha, start = _network(model, weights, len(names), dropout)
+    net, model_recipe, weights_sha, start = initial_network(model, weights, len(names), dropout, seed=seed)
     fast_channelwise_backward(net)  # on CPU the channel-wise convs' backward was most of a step
     if model_recipe is None:
         raise ConfigError(f"no recipe is known for {net.config.name}: train from weights that record one")
