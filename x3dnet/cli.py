@@ -470,7 +470,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--freeze", choices=("none", "bn", "backbone"), default="none",
                    help="bn: fix every BN (small batches); backbone: train the classifier only (linear probe)")
     p.add_argument("--workers", type=_non_negative, default=2, help="decoding processes (default 2; 0: inline)")
-    p.add_argument("--seed", type=_non_negative, default=0, help="decides the initial weights, the data order and every augmentation")
+    p.add_argument("--seed", type=_non_negative, default=0,
+                   help="decides the initial weights, the data order and every augmentation")
     p.add_argument("--precision", choices=PRECISIONS, default="fp32",
                    help="fp32 (default); bf16 (CUDA autocast) or fp16 (CUDA, scaled)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
