@@ -19,6 +19,7 @@ from test_predict import TINY_RECIPE
 
 from x3dnet import X3D, load_checkpoint, save_checkpoint
 from x3dnet.datasets import read_dataset, training_classes
+from x3dnet.errors import X3DNetError
 from x3dnet.synthetic import PATTERNS, make_dataset
 from x3dnet.train import SolverConfig, epoch_batches, initial_network, lr_at, read_train_log, solver_for, split_dataset
 from x3dnet.views import TrainClip, train_clip
@@ -193,6 +194,36 @@ def test_the_initial_weights_are_the_seeds(setup, tmp_path):
     one, two = runs
     assert one["fc2.weight"].shape[0] == 3
     assert one.keys() == two.keys() and all(torch.equal(one[k], two[k]) for k in one)
+
+
+def test_channels_last_is_the_same_run_in_another_layout(setup, tmp_path, monkeypatch):
+    """--channels-last: weights and clips in channels-last 3-D (faster on CPUs), the same training as the
+    contiguous layout up to fp32 rounding; run.json records it and a resumed run must keep it."""
+    import x3dnet.train as train_module
+
+    _, weights, _, train_set, _ = setup
+    nets, real = [], train_module.initial_network
+
+    def kept(*args, **kwargs):
+        nets.append(real(*args, **kwargs))
+        return nets[-1]
+
+    monkeypatch.setattr(train_module, "initial_network", kept)
+    common = dict(weights=weights, epochs=1, lr=0.02, dropout=0.0, workers=0, precise_bn_batches=2, progress=False,
+                  log=lambda line: None)
+    train_module.train(train_set.videos, out=tmp_path / "contiguous", **common)
+    train_module.train(train_set.videos, out=tmp_path / "cl", channels_last=True, **common)
+    weight = [n[0].stem.conv_spatial.weight for n in nets]  # the very tensors trained
+    assert weight[1].is_contiguous(memory_format=torch.channels_last_3d) and not weight[1].is_contiguous()
+    assert weight[0].is_contiguous()
+    a, b = state_of(tmp_path / "contiguous" / "last.safetensors"), state_of(tmp_path / "cl" / "last.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        scale = max(a[k].abs().max().item(), 1e-3)  # zero-initialised BNs' biases have moved by 1e-9 only
+        assert (a[k] - b[k]).abs().max().item() <= 2e-5 * scale, k
+    assert json.loads((tmp_path / "cl" / "run.json").read_text())["channels_last"] is True
+    with pytest.raises(X3DNetError, match="differs in channels_last"):
+        train_module.train(train_set.videos, out=tmp_path / "cl", resume=True, **common)
 
 
 def _same_but_timing(a, b) -> bool:

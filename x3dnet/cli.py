@@ -235,7 +235,8 @@ def train_videos(args: argparse.Namespace) -> None:
           lr=args.lr, dropout=args.dropout, freeze=args.freeze, workers=args.workers, seed=args.seed,
           precision=args.precision, device=args.device, out=out, resume=args.resume, sync_bn=args.sync_bn,
           precise_bn_batches=args.precise_bn_batches, checkpoint_minutes=args.checkpoint_minutes,
-          val_views=args.val_views, flip=not args.no_flip, progress=not args.no_progress, plot=plot)
+          val_views=args.val_views, flip=not args.no_flip, channels_last=args.channels_last,
+          progress=not args.no_progress, plot=plot)
 
 
 def synthesize(args: argparse.Namespace) -> None:
@@ -486,6 +487,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="views per validation video (default 1)")
     p.add_argument("--no-flip", action="store_true",
                    help="no random horizontal flips (for classes a mirror image turns into each other: left/right)")
+    p.add_argument("--channels-last", action="store_true",
+                   help="channels-last 3-D weights and clips: faster on CPUs, not shown bit-reproducible (README)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--plot", metavar="FILE.png", help="draw loss and accuracy curves after every epoch (matplotlib)")
     p.set_defaults(run=train_videos)
