@@ -197,7 +197,7 @@ def test_the_initial_weights_are_the_seeds(setup, tmp_path):
 
 
 def test_channels_last_is_the_same_run_in_another_layout(setup, tmp_path, monkeypatch):
-    """--channels-last: weights and clips in channels-last 3-D (faster on CPUs), the same training as the
+    """Channels-last 3-D weights and clips (the CPU's default: faster there), the same training as the
     contiguous layout up to fp32 rounding; run.json records it and a resumed run must keep it."""
     import x3dnet.train as train_module
 
@@ -211,8 +211,8 @@ def test_channels_last_is_the_same_run_in_another_layout(setup, tmp_path, monkey
     monkeypatch.setattr(train_module, "initial_network", kept)
     common = dict(weights=weights, epochs=1, lr=0.02, dropout=0.0, workers=0, precise_bn_batches=2, progress=False,
                   log=lambda line: None)
-    train_module.train(train_set.videos, out=tmp_path / "contiguous", **common)
-    train_module.train(train_set.videos, out=tmp_path / "cl", channels_last=True, **common)
+    train_module.train(train_set.videos, out=tmp_path / "contiguous", channels_last=False, **common)
+    train_module.train(train_set.videos, out=tmp_path / "cl", **common)
     weight = [n[0].stem.conv_spatial.weight for n in nets]  # the very tensors trained
     assert weight[1].is_contiguous(memory_format=torch.channels_last_3d) and not weight[1].is_contiguous()
     assert weight[0].is_contiguous()
@@ -223,7 +223,7 @@ def test_channels_last_is_the_same_run_in_another_layout(setup, tmp_path, monkey
         assert (a[k] - b[k]).abs().max().item() <= 2e-5 * scale, k
     assert json.loads((tmp_path / "cl" / "run.json").read_text())["channels_last"] is True
     with pytest.raises(X3DNetError, match="differs in channels_last"):
-        train_module.train(train_set.videos, out=tmp_path / "cl", resume=True, **common)
+        train_module.train(train_set.videos, out=tmp_path / "cl", resume=True, channels_last=False, **common)
 
 
 def _same_but_timing(a, b) -> bool:
@@ -233,8 +233,14 @@ def _same_but_timing(a, b) -> bool:
     return strip(read_train_log(a / "train_log.jsonl")) == strip(read_train_log(b / "train_log.jsonl"))
 
 
-def test_two_processes_with_sync_bn_give_one_process_weights(setup, tmp_path):
-    args = ("--epochs", "1", "--lr", "0.01", "--dropout", "0", "--sync-bn")
+@pytest.mark.parametrize("layout, tolerance", [
+    ("--no-channels-last", 1e-5),  # the issue's bound (measured 4.2e-7)
+    # The CPU's default layout: torch's channels-last kernels sum in another order. Measured 2.2e-5, the
+    # same in every rerun (reruns of either command are bit-identical).
+    ("--channels-last", 3e-5),
+])
+def test_two_processes_with_sync_bn_give_one_process_weights(setup, tmp_path, layout, tolerance):
+    args = ("--epochs", "1", "--lr", "0.01", "--dropout", "0", "--sync-bn", layout)
     one = subprocess.run(train_cli(setup, tmp_path / "one", *args, val=False), capture_output=True, text=True,
                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert one.returncode == 0, one.stderr
@@ -249,7 +255,7 @@ def test_two_processes_with_sync_bn_give_one_process_weights(setup, tmp_path):
     for k in a:
         if a[k].is_floating_point():
             scale = a[k].abs().max().clamp_min(1e-3)
-            assert ((a[k] - b[k]).abs().max() / scale).item() <= 1e-5, k
+            assert ((a[k] - b[k]).abs().max() / scale).item() <= tolerance, k
             if k in start:
                 moved = max(moved, ((a[k] - start[k]).abs().max() / scale).item())
     assert moved > 1e-3  # the steps moved the weights far more than the tolerance

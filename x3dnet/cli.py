@@ -487,8 +487,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="views per validation video (default 1)")
     p.add_argument("--no-flip", action="store_true",
                    help="no random horizontal flips (for classes a mirror image turns into each other: left/right)")
-    p.add_argument("--channels-last", action="store_true",
-                   help="channels-last 3-D weights and clips: faster on CPUs, not shown bit-reproducible (README)")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                   help="channels-last 3-D weights and clips (default: on the CPU, where it is faster; not on CUDA)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--plot", metavar="FILE.png", help="draw loss and accuracy curves after every epoch (matplotlib)")
     p.set_defaults(run=train_videos)
