@@ -235,7 +235,7 @@ def _same_but_timing(a, b) -> bool:
 
 @pytest.mark.parametrize("layout, tolerance", [
     ("--no-channels-last", 1e-5),  # the bound (measured 4.2e-7)
-    # The CPU's default layout: torch's channels-last kernels sum in another order. Measured 2.2e-5, the
+    # The CPU's default layout: its kernels round differently (not traced further). Measured 2.2e-5, the
     # same in every rerun (reruns of either command are bit-identical).
     ("--channels-last", 3e-5),
 ])

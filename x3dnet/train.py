@@ -188,9 +188,9 @@ def train(
     ``finetune`` (the default with weights) or ``original`` (the default without); see ``solver_for``.
     ``freeze``: ``bn`` fixes every BN (statistics and affine), ``backbone`` trains the classifier alone.
     ``channels_last``: weights and clips in the channels-last 3-D memory format; None (the default) means
-    on the CPU, where X3D-XS trained 1.49x and X3D-S 1.33x as fast in it (AMD EPYC, bench_train's
-    model_only), and not on CUDA (where channels-last 3-D inference was 2.5x slower). It rounds differently
-    from the contiguous layout, so a resumed run keeps the layout it started with.
+    on the CPU, where X3D-XS trained 1.36x and X3D-S 1.56x as fast in it (AMD EPYC, bench_train.py), and
+    not on CUDA (where channels-last 3-D inference was 2.5x slower). It rounds differently from the
+    contiguous layout, so a resumed run keeps the layout it started with.
     """
     log = log or (lambda line: print(line, file=sys.stderr, flush=True))
     check_device(device)
