@@ -15,7 +15,7 @@ from x3dnet import X3D, load_weights
 from x3dnet.errors import ConfigError
 from x3dnet.layouts import to_native
 from x3dnet.model import ChannelwiseConv3d, fast_channelwise_backward
-from x3dnet.solver import freeze_bn, precise_bn
+from x3dnet.solver import SyncBatchNorm3d, convert_sync_bn, freeze_bn, precise_bn
 from x3dnet.train import SolverConfig, build_optimizer, lr_at
 
 TRAIN = FIXTURES / "train"
@@ -81,17 +81,23 @@ def test_three_sgd_steps_give_slowfasts_weights(case):
     _three_steps(case, fast=False)
 
 
+@pytest.mark.parametrize("channels_last, sync_bn", [(False, False), (True, False), (True, True)])
 @pytest.mark.parametrize("case", [c for c in CASES if c.endswith("fp64")])
-def test_three_steps_with_the_fast_channelwise_backward_too(case):
-    # x3dnet train's backward: in fp64 it stays on SlowFast's steps as tightly as torch's own (in fp32 it
-    # rounds differently, and s2's third step amplifies that to 2e-4 in stem.bn's momentum).
-    _three_steps(case, fast=True)
+def test_three_steps_with_the_fast_channelwise_backward_too(case, channels_last, sync_bn):
+    # x3dnet train's model: in fp64 its backward stays on SlowFast's steps as tightly as torch's own (in fp32
+    # it rounds differently, and s2's third step amplifies that to 2e-4 in stem.bn's momentum); so does it
+    # in channels-last (the CPU's layout), with --sync-bn's BN too.
+    _three_steps(case, fast=True, channels_last=channels_last, sync_bn=sync_bn)
 
 
-def _three_steps(case: str, *, fast: bool) -> None:
+def _three_steps(case: str, *, fast: bool, channels_last: bool = False, sync_bn: bool = False) -> None:
     ref = _reference(case)
     dtype = torch.float64 if ref["dtype"] == "float64" else torch.float32
     model = fast_channelwise_backward(_tiny(ref, dtype), fast)
+    fmt = torch.channels_last_3d if channels_last else torch.contiguous_format
+    if sync_bn:
+        convert_sync_bn(model)
+    model.to(memory_format=fmt)
     cfg = SolverConfig(**ref["solver"])
     opt = build_optimizer(model, cfg)
     for k, epoch in enumerate(ref["epochs"]):
@@ -100,11 +106,12 @@ def _three_steps(case: str, *, fast: bool) -> None:
         for group in opt.param_groups:
             group["lr"] = lr
         opt.zero_grad()
-        x = ref["inputs"][torch.tensor(ref["index"][k])].to(dtype)
+        x = ref["inputs"][torch.tensor(ref["index"][k])].to(dtype).contiguous(memory_format=fmt)
         logits = model(x)
         loss = F.cross_entropy(logits, ref["labels"][k])
         probe = model.stem.conv_temporal(x.new_ones(1, model.stem.conv_temporal.in_channels, 2, 2, 2))
         assert ("_ChannelwiseConv3dFunction" in str(probe.grad_fn)) == fast
+        assert isinstance(model.stem.bn, SyncBatchNorm3d) == sync_bn and x.is_contiguous() != channels_last
         if k == 0:  # the forward alone, before any step
             scale = ref["logits0"].abs().max().item()
             assert (logits - ref["logits0"].to(dtype)).abs().max().item() <= 2e-6 * scale
@@ -168,6 +175,48 @@ def test_fast_channelwise_backward_is_torchs(shape, kernel, stride, padding, cha
     assert "_ChannelwiseConv3dFunction" not in str(fast(x).grad_fn)
 
 
+@pytest.mark.parametrize("shape", [(8, 24, 4, 80, 80), (5, 32, 4, 60, 60), (2, 8, 1, 3, 3)])
+def test_sync_batchnorm_is_batchnorm_to_fp32_rounding(shape):
+    """--sync-bn's BN on one process, on channels-last CPU tensors (X3D-XS's stem's size; parts of 2, 2 and 1
+    samples; a tiny one): the output, the running statistics and every gradient of torch's BN in fp64, to
+    1e-6 of each one's scale, from values far from zero-mean. Torch's own fp32 kernel is 1e-5 off at the
+    stem's size."""
+    torch.manual_seed(0)
+    c = shape[1]
+    x, grad = torch.randn(shape, dtype=torch.float64) * 2 + 3, torch.randn(shape, dtype=torch.float64)
+    weight, bias = torch.rand(c, dtype=torch.float64) + 0.5, torch.randn(c, dtype=torch.float64)
+
+    def run(bn: nn.BatchNorm3d, x: torch.Tensor, grad: torch.Tensor):
+        with torch.no_grad():
+            bn.weight.copy_(weight)
+            bn.bias.copy_(bias)
+            bn.running_var.fill_(2.0)
+        x = x.clone().requires_grad_()
+        y = bn.train()(x)
+        y.backward(grad)
+        return y, [y, bn.running_mean, bn.running_var, x.grad, bn.weight.grad, bn.bias.grad]
+
+    _, expected = run(nn.BatchNorm3d(c).double(), x, grad)
+    last = torch.channels_last_3d
+    bn = SyncBatchNorm3d(c)
+    y, ours = run(bn, x.float().contiguous(memory_format=last), grad.float().contiguous(memory_format=last))
+    assert "_BatchNormFunction" in str(y.grad_fn)
+    assert y.is_contiguous(memory_format=last) and ours[3].is_contiguous(memory_format=last)
+    assert bn.num_batches_tracked.item() == 1
+    for a, b in zip(ours, expected, strict=True):
+        assert ((a.double() - b).abs().max() / b.abs().max()).item() < 1e-6
+    # contiguous tensors, and evaluation, are torch's own kernels, bit for bit
+    plain = nn.BatchNorm3d(c)
+    _, theirs = run(plain, x.float(), grad.float())
+    y, ours = run(SyncBatchNorm3d(c), x.float(), grad.float())
+    assert "_BatchNormFunction" not in str(y.grad_fn)
+    assert all(torch.equal(a, b) for a, b in zip(ours, theirs, strict=True))
+    plain.load_state_dict(bn.state_dict())  # the same parameters and buffers
+    with torch.no_grad():
+        cl = x.float().contiguous(memory_format=last)
+        assert torch.equal(bn.eval()(cl), plain.eval()(cl))
+
+
 def test_steps_moved_the_weights_far_beyond_the_tolerance():
     # The comparison above can fail: three steps move the weights by far more than it allows.
     ref = _reference("tiny_a_s1_fp32")
@@ -190,10 +239,14 @@ def test_solver_config_refuses_impossible_settings():
         SolverConfig(momentum=0.0)
 
 
-def test_precise_bn_gives_the_statistics_of_all_batches_pooled():
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_precise_bn_gives_the_statistics_of_all_batches_pooled(channels_last):
     torch.manual_seed(1)
     net = nn.Sequential(nn.Conv3d(3, 4, 1), nn.BatchNorm3d(4)).train()
     batches = [torch.randn(n, 3, 2, 3, 3) * (i + 1) + i for i, n in enumerate((2, 3, 1))]
+    if channels_last:  # as x3dnet train --sync-bn runs it on the CPU
+        convert_sync_bn(net).to(memory_format=torch.channels_last_3d)
+        batches = [b.contiguous(memory_format=torch.channels_last_3d) for b in batches]
     assert precise_bn(net, iter(batches), limit=10) == 3
     with torch.no_grad():
         pooled = torch.cat([net[0](b) for b in batches])  # (6, 4, 2, 3, 3)

@@ -220,7 +220,7 @@ def test_channels_last_is_the_same_run_in_another_layout(setup, tmp_path, monkey
     assert a.keys() == b.keys()
     for k in a:
         scale = max(a[k].abs().max().item(), 1e-3)  # zero-initialised BNs' biases have moved by 1e-9 only
-        assert (a[k] - b[k]).abs().max().item() <= 2e-5 * scale, k
+        assert (a[k] - b[k]).abs().max().item() <= 2e-5 * scale, k  # measured 4.2e-6 on the AMD EPYC
     assert json.loads((tmp_path / "cl" / "run.json").read_text())["channels_last"] is True
     with pytest.raises(X3DNetError, match="differs in channels_last"):
         train_module.train(train_set.videos, out=tmp_path / "cl", resume=True, channels_last=False, **common)
@@ -233,13 +233,10 @@ def _same_but_timing(a, b) -> bool:
     return strip(read_train_log(a / "train_log.jsonl")) == strip(read_train_log(b / "train_log.jsonl"))
 
 
-@pytest.mark.parametrize("layout, tolerance", [
-    ("--no-channels-last", 1e-5),  # the issue's bound (measured 4.2e-7)
-    # The CPU's default layout: its kernels round differently (not traced further). Measured 2.2e-5, the
-    # same in every rerun (reruns of either command are bit-identical).
-    ("--channels-last", 3e-5),
-])
-def test_two_processes_with_sync_bn_give_one_process_weights(setup, tmp_path, layout, tolerance):
+# The issue's bound, 1e-5, in either layout: measured 3.6e-7 contiguous and 3.7e-7 channels-last on the AMD
+# EPYC (2.2e-5 channels-last while torch's own BN kernel summed its channels row by row).
+@pytest.mark.parametrize("layout", ["--no-channels-last", "--channels-last"])
+def test_two_processes_with_sync_bn_give_one_process_weights(setup, tmp_path, layout):
     args = ("--epochs", "1", "--lr", "0.01", "--dropout", "0", "--sync-bn", layout)
     one = subprocess.run(train_cli(setup, tmp_path / "one", *args, val=False), capture_output=True, text=True,
                          env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -255,7 +252,7 @@ def test_two_processes_with_sync_bn_give_one_process_weights(setup, tmp_path, la
     for k in a:
         if a[k].is_floating_point():
             scale = a[k].abs().max().clamp_min(1e-3)
-            assert ((a[k] - b[k]).abs().max() / scale).item() <= tolerance, k
+            assert ((a[k] - b[k]).abs().max() / scale).item() <= 1e-5, k
             if k in start:
                 moved = max(moved, ((a[k] - start[k]).abs().max() / scale).item())
     assert moved > 1e-3  # the steps moved the weights far more than the tolerance
@@ -334,3 +331,4 @@ def test_it_learns(tmp_path):
     epochs = [r for r in read_train_log(tmp_path / "run" / "train_log.jsonl") if r["type"] == "epoch"]
     assert epochs[0]["val_top1"] <= 67  # it starts near chance (50%) ...
     assert summary["best_val_top1"] >= 83  # ... and learns: 10 of the 12 held-out videos or more
+

@@ -391,7 +391,7 @@ def _run(net, dataset, val_set, view_set, clips, solver, identity, state, start,
             p.requires_grad_(name.startswith("fc2."))
     if state is not None:
         net.load_state_dict(state["model"])
-    if sync_bn and world > 1:
+    if sync_bn:  # on one process too: channels-last BN then computes what it does on several
         convert_sync_bn(net)
     net.to(device, memory_format=memory_format)
     optimizer = build_optimizer(_train_mode(net, freeze), solver)
