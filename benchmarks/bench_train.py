@@ -5,11 +5,12 @@
 
 Default: per model, in one run, training clips per second (forward + backward + SGD step, batch 8, eager
 fp32, random weights) of the model alone on clips already in memory, as ``x3dnet train`` runs it on the
-CPU (channels-last 3-D, its own backward for the channel-wise convs); of ``x3dnet train``'s whole
-pipeline (decoding, augmentation and batching in DataLoader workers, the lr schedule, the log; precise BN
-and validation off) on synthetic videos; and, against that model-only rate, the model in the contiguous
-layout, and contiguous with torch's own backward for those convs (what ``x3dnet train`` ran before). The
-pipeline target is at least 0.75 of model-only with 2 workers.
+CPU (channels-last 3-D, its own backward for the channel-wise convs, glibc's malloc keeping freed
+memory); of ``x3dnet train``'s whole pipeline (decoding, augmentation and batching in DataLoader workers,
+the lr schedule, the log; precise BN and validation off; its second epoch) on synthetic videos; and,
+against that model-only rate, the model with one of those choices undone at a time, with ``--sync-bn``,
+and with all three undone (what ``x3dnet train`` ran before any of them): ``KINDS``. The pipeline target
+is at least 0.75 of model-only with 2 workers.
 
 ``--learn``: the issue's fixed command, from scratch on held-out synthetic videos; prints the validation
 top-1 of every epoch and the time of the whole ``train`` command (target: best >= 90% within 20 minutes).
@@ -34,16 +35,21 @@ from x3dnet import create_model
 from x3dnet.backends import cpu_units
 from x3dnet.model import fast_channelwise_backward
 from x3dnet.profile import cpu_name
-from x3dnet.solver import SolverConfig, build_optimizer
+from x3dnet.solver import SolverConfig, build_optimizer, convert_sync_bn
 from x3dnet.synthetic import make_dataset
-from x3dnet.train import read_train_log, train
+from x3dnet.train import keep_freed_memory, read_train_log, train
 
 
 def model_only(name: str, *, batch: int, steps: int, precision: str = "fp32", channels_last: bool = True,
-               fast_backward: bool = True) -> float:
-    """Training clips per second of the model alone: random clips at the training size, already in memory."""
+               fast_backward: bool = True, keep_memory: bool = True, sync_bn: bool = False) -> float:
+    """Training clips per second of the model alone: random clips at the training size, already in memory.
+    The defaults are how ``x3dnet train`` runs it on the CPU."""
+    if keep_memory:
+        keep_freed_memory()
     torch.manual_seed(0)
     model = fast_channelwise_backward(create_model(name, num_classes=10).train(), fast_backward)
+    if sync_bn:
+        convert_sync_bn(model)
     fmt = torch.channels_last_3d if channels_last else torch.contiguous_format
     model = model.to(memory_format=fmt)
     opt = build_optimizer(model, SolverConfig(base_lr=0.01, warmup_epochs=0))
@@ -67,15 +73,27 @@ def model_only(name: str, *, batch: int, steps: int, precision: str = "fp32", ch
     return batch * steps / (time.perf_counter() - start)
 
 
+# What each model-only row changes against x3dnet train's way ("fp32").
+KINDS = {
+    "fp32": {},
+    "default_malloc": {"keep_memory": False},
+    "contiguous": {"channels_last": False},
+    "sync_bn": {"sync_bn": True},
+    "torch_backward": {"channels_last": False, "fast_backward": False, "keep_memory": False},
+}
+
+
 def pipeline(name: str, videos: Path, out: Path, *, batch: int, workers: int) -> float:
-    """Training clips per second of ``x3dnet train`` itself: one epoch, timed by the epoch's own clock (its
-    ``time_s``: the DataLoader's start, every step and every wait for data), so the run's set-up and the
-    checkpoints written after the epoch are left out (with 6 steps they were a quarter of the wall time)."""
-    train(videos, model=name, epochs=1, batch_size=batch, workers=workers, precise_bn_batches=0, out=out,
+    """Training clips per second of ``x3dnet train`` itself: its second epoch, timed by the epoch's own clock
+    (its ``time_s``: the DataLoader's start, every step and every wait for data). The run's set-up, the
+    checkpoints after each epoch and the process's first step are left out, as model-only leaves out its
+    warm-up steps: X3D-S's first step took 9.1 s against 3.4 s for the next ones, a quarter of a 5-step
+    epoch, where a real epoch has hundreds."""
+    train(videos, model=name, epochs=2, batch_size=batch, workers=workers, precise_bn_batches=0, out=out,
           progress=False, log=lambda line: None, checkpoint_minutes=0)
     records = read_train_log(out / "train_log.jsonl")
-    clips = sum(r["clips"] for r in records if r["type"] == "step")
-    return clips / next(r["time_s"] for r in records if r["type"] == "epoch")
+    clips = sum(r["clips"] for r in records if r["type"] == "step" and r["epoch"] == 2)
+    return clips / next(r["time_s"] for r in records if r["type"] == "epoch" and r["epoch"] == 2)
 
 
 def learn(folder: Path, extra: list[str]) -> None:
@@ -134,8 +152,7 @@ def main() -> None:
         if kind == "pipeline":
             rate = pipeline(name, Path(args.videos_dir), Path(args.out), batch=args.batch_size, workers=args.workers)
         else:
-            rate = model_only(name, batch=args.batch_size, steps=args.steps, precision="bf16" if kind == "bf16" else "fp32",
-                              channels_last=kind == "fp32", fast_backward=kind != "torch_backward")
+            rate = model_only(name, batch=args.batch_size, steps=args.steps, **KINDS[kind])
         print(rate)
         return
     print(f"CPU: {cpu_name()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads, torch {torch.__version__}; "
@@ -158,12 +175,16 @@ def main() -> None:
             row = {"model": name, "model_only": round(alone, 2), "pipeline": round(full, 2),
                    "pipeline/model_only": round(full / alone, 3)}
             # bf16 autocast training crashed or hung in torch's backward here: train refuses it on the CPU.
-            for kind in ("contiguous", "torch_backward"):
+            for kind in KINDS:
+                if kind == "fp32":
+                    continue
                 row[f"{kind}/model_only"] = round(_measure(kind, name, args) / alone, 3)
             print(json.dumps(row), flush=True)
         print(f"training clips/s, batch {args.batch_size}, {args.workers} workers; pipeline target >= 0.75 of model-only; "
-              "model_only as x3dnet train runs on the CPU (channels-last 3-D, its channel-wise backward); contiguous: the "
-              "contiguous layout; torch_backward: contiguous with torch's own backward for the channel-wise convs")
+              "model_only as x3dnet train runs on the CPU (channels-last 3-D, its channel-wise backward, freed memory "
+              "kept); the ratios undo one of those each: default_malloc: glibc's default malloc; contiguous: the "
+              "contiguous layout; sync_bn: with --sync-bn (on one process); torch_backward: all three, torch's own "
+              "backward for the channel-wise convs too (x3dnet train before any of them)")
 
 
 if __name__ == "__main__":

@@ -332,3 +332,30 @@ def test_it_learns(tmp_path):
     assert epochs[0]["val_top1"] <= 67  # it starts near chance (50%) ...
     assert summary["best_val_top1"] >= 83  # ... and learns: 10 of the 12 held-out videos or more
 
+
+def test_freed_memory_is_kept_where_the_c_library_is_glibc(monkeypatch):
+    import platform
+
+    from x3dnet.train import keep_freed_memory, release_freed_memory
+
+    calls = []
+
+    class Libc:
+        def mallopt(self, param, value):
+            calls.append((param, value))
+            return 1
+
+        def malloc_trim(self, pad):
+            calls.append(("trim", pad))
+            return 1
+
+    assert keep_freed_memory(Libc()) and calls == [(-4, 0), (-1, 2**31 - 1)]  # M_MMAP_MAX 0, M_TRIM_THRESHOLD
+    release_freed_memory(Libc())  # before DataLoader workers fork: all of it
+    assert calls[-1] == ("trim", 0)
+    assert not keep_freed_memory(type("Refusing", (), {"mallopt": lambda self, param, value: 0})())
+    if platform.libc_ver()[0] == "glibc":
+        assert keep_freed_memory()  # this C library takes both settings
+        release_freed_memory()
+    monkeypatch.setattr(platform, "libc_ver", lambda *args: ("", ""))  # musl, or another C library
+    assert not keep_freed_memory()
+    release_freed_memory()  # nothing to do, and no error
