@@ -474,7 +474,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=_non_negative, default=0,
                    help="decides the initial weights, the data order and every augmentation")
     p.add_argument("--precision", choices=PRECISIONS, default="fp32",
-                   help="fp32 (default); bf16 (CUDA autocast) or fp16 (CUDA, scaled)")
+                   help="fp32 (default); bf16 (autocast: CUDA, or a CPU with bf16 units and no AMX) or fp16 (CUDA, scaled)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--out", help="run folder (default x3dnet-runs/train-<data>-<model>)")
     p.add_argument("--resume", action="store_true", help="continue the run saved in --out from its last checkpoint")

@@ -241,7 +241,8 @@ def _channelwise_grad_weight(grad: Tensor, x: Tensor, shape, stride, padding) ->
     over them stay in cache."""
     kernel, channels, out = shape[2:], shape[0], grad.shape[2:]
     padded = F.pad(x, [p for p in reversed(padding) for _ in range(2)])
-    taps = grad.new_zeros(math.prod(kernel), channels)
+    # Summed in at least fp32 (bf16 sums of thousands of products would lose the gradient's low bits).
+    taps = grad.new_zeros(math.prod(kernel), channels, dtype=torch.promote_types(grad.dtype, torch.float32))
     chunk = max(1, (1 << 20) // grad[0].numel())
     for n in range(0, grad.shape[0], chunk):
         g, p = grad[n : n + chunk], padded[n : n + chunk]
@@ -256,11 +257,11 @@ def _channelwise_grad_weight(grad: Tensor, x: Tensor, shape, stride, padding) ->
             a, b, c = (t // s for t, s in zip(tap, stride))
             torch.mul(phases[phase][:, :, a : a + out[0], b : b + out[1], c : c + out[2]], g, out=product)
             if product.is_contiguous():
-                taps[k] += product.view(len(g), channels, -1).sum(2).sum(0)
+                taps[k] += product.view(len(g), channels, -1).sum(2, dtype=taps.dtype).sum(0)
             else:  # channels-last: positions outer, channels inner; rows of a width at a time are summed faster
-                rows = product.permute(0, 2, 3, 4, 1).reshape(-1, out[2] * channels).sum(0)
+                rows = product.permute(0, 2, 3, 4, 1).reshape(-1, out[2] * channels).sum(0, dtype=taps.dtype)
                 taps[k] += rows.view(out[2], channels).sum(0)
-    return taps.t().reshape(shape)
+    return taps.t().reshape(shape).to(grad.dtype)
 
 
 class ChannelwiseConv3d(nn.Conv3d):
@@ -279,6 +280,10 @@ class ChannelwiseConv3d(nn.Conv3d):
         if (self.fast_backward and x.device.type == "cpu" and torch.is_grad_enabled()
                 and (x.requires_grad or weight.requires_grad)
                 and not torch.jit.is_tracing() and not torch.compiler.is_compiling()):
+            if torch.is_autocast_enabled("cpu"):  # as autocast treats conv3d: both in its dtype, the cast differentiable
+                dtype = torch.get_autocast_dtype("cpu")
+                with torch.autocast("cpu", enabled=False):
+                    return _ChannelwiseConv3dFunction.apply(x.to(dtype), weight.to(dtype), self.stride, self.padding)
             return _ChannelwiseConv3dFunction.apply(x, weight, self.stride, self.padding)
         return super()._conv_forward(x, weight, bias)
 

@@ -231,7 +231,8 @@ def train(
     on the CPU, where X3D-XS trained 1.23x and X3D-S 1.21x as fast in it (AMD EPYC, bench_train.py), and
     not on CUDA (where channels-last 3-D inference was 2.5x slower). It rounds differently from the
     contiguous layout, so a resumed run keeps the layout it started with. On the CPU it has glibc's malloc
-    keep freed memory, for the whole process (``keep_freed_memory``).
+    keep freed memory, for the whole process (``keep_freed_memory``). ``precision``: ``fp32``; ``bf16``
+    (autocast) on CUDA and on a CPU that ``cpu_bf16_refused`` allows; ``fp16`` (with a grad scaler) on CUDA.
     """
     log = log or (lambda line: print(line, file=sys.stderr, flush=True))
     check_device(device)
@@ -239,11 +240,8 @@ def train(
         raise ConfigError(f"precision must be fp32, bf16 or fp16, not {precision!r}")
     if precision == "fp16" and not device.startswith("cuda"):
         raise ConfigError("fp16 training runs on CUDA only; on a CPU use bf16 (where it has bf16 units) or fp32")
-    if precision == "bf16" and not device.startswith("cuda"):
-        # Measured with torch 2.13 on a Xeon with AVX-512 BF16 and AMX: X3D-XS's bf16 autocast backward
-        # crashed or hung in 3 of 3 runs (benchmarks/bench_train.py); refused until that is resolved.
-        raise ConfigError("bf16 training runs on CUDA only: on the CPU torch's bf16 backward of X3D crashed or "
-                          "hung here; use fp32")
+    if precision == "bf16" and not device.startswith("cuda") and (why := cpu_bf16_refused()):
+        raise ConfigError(f"bf16 training on this CPU: {why}; use fp32")
     if freeze not in FREEZE:
         raise ConfigError(f"freeze must be one of {', '.join(FREEZE)}, not {freeze!r}")
     if val is not None and val_split is not None:
@@ -588,6 +586,18 @@ def _train_mode(net: X3D, freeze: str) -> X3D:
         net.eval()  # dropout included: a linear probe trains on fixed features
         net.fc2.train()
     return net
+
+
+def cpu_bf16_refused() -> str | None:
+    """Why this CPU may not train in bf16, or None where it may: it needs bf16 units (AVX-512 BF16), and
+    a CPU with AMX is refused, since with torch 2.13 on an Intel Xeon with AMX X3D-XS's bf16 autocast
+    backward crashed or hung in 3 of 3 runs. On an AMD EPYC (Zen 5: AVX-512 BF16, no AMX) it trained
+    X3D-S 1.25-1.5x as fast as fp32 (benchmarks/bench_train.py). torch's own probes: the tests fake them."""
+    if not torch.cpu._is_avx512_bf16_supported():
+        return "it has no bf16 units (AVX-512 BF16)"
+    if torch.cpu._is_amx_tile_supported():
+        return "on a CPU with AMX torch's bf16 backward of X3D crashed or hung"
+    return None
 
 
 def _autocast(precision: str, device: str):
