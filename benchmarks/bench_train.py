@@ -86,10 +86,11 @@ KINDS = {
 
 def pipeline(name: str, videos: Path, out: Path, *, batch: int, workers: int) -> float:
     """Training clips per second of ``x3dnet train`` itself: its second epoch, timed by the epoch's own clock
-    (its ``time_s``: the DataLoader's start, every step and every wait for data). The run's set-up, the
-    checkpoints after each epoch and the process's first step are left out, as model-only leaves out its
-    warm-up steps: X3D-S's first step took 9.1 s against 3.4 s for the next ones, a quarter of a 5-step
-    epoch, where a real epoch has hundreds."""
+    (its ``time_s``: every step and every wait for data; the run's one set of DataLoader workers has
+    loaded its first batches while the first epoch ended). The run's set-up, the checkpoints after each
+    epoch and the process's first step are left out, as model-only leaves out its warm-up steps: X3D-S's
+    first step took 9.1 s against 3.4 s for the next ones, a quarter of a 5-step epoch, where a real epoch
+    has hundreds."""
     train(videos, model=name, epochs=2, batch_size=batch, workers=workers, precise_bn_batches=0, out=out,
           progress=False, log=lambda line: None, checkpoint_minutes=0)
     records = read_train_log(out / "train_log.jsonl")

@@ -16,15 +16,17 @@ where the run stands), each written whole under a temporary name and then rename
 
 from __future__ import annotations
 
+import collections
 import ctypes
 import dataclasses
 import hashlib
+import itertools
 import json
 import os
 import platform
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import numpy as np
@@ -55,6 +57,7 @@ from .solver import (
     build_optimizer,
     convert_sync_bn,
     freeze_bn,
+    is_bn,
     lr_at,
     precise_bn,
     set_lr,
@@ -111,20 +114,21 @@ _ORDER, _CLIP, _PRECISE_ORDER, _PRECISE_CLIP, _DROPOUT, _SPLIT, _INIT = range(7)
 
 
 class _Clips(TorchDataset):
-    """Item ``i``: (i, its clip or None, the error that stopped it or None, corrupt frames)."""
+    """Item ``(epoch, stream, i)``: (i, its clip or None, the error that stopped it or None, corrupt frames);
+    the clip's randomness is drawn from (seed, epoch, stream, i)."""
 
-    def __init__(self, dataset: Dataset, recipe: TrainClip, seed: int, epoch: int, stream: int):
-        self.dataset, self.recipe, self.seed, self.epoch, self.stream = dataset, recipe, seed, epoch, stream
+    def __init__(self, dataset: Dataset, recipe: TrainClip, seed: int):
+        self.dataset, self.recipe, self.seed = dataset, recipe, seed
 
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, str | None, int]:
+    def __getitem__(self, key: tuple[int, int, int]) -> tuple[int, torch.Tensor | None, str | None, int]:
+        epoch, stream, i = key
         sample = self.dataset.samples[i]
         try:
             threads = 1 if get_worker_info() is not None else 0
-            clip, corrupt = train_clip(sample.path, self.recipe, _rng(self.seed, self.epoch, self.stream, i),
-                                       threads=threads)
+            clip, corrupt = train_clip(sample.path, self.recipe, _rng(self.seed, epoch, stream, i), threads=threads)
             return i, clip, None, len(corrupt)
         except X3DNetError as e:
             return i, None, str(e), 0
@@ -139,11 +143,41 @@ def _collate(items: list[tuple]) -> tuple[list[int], torch.Tensor | None, list[t
     return [i for i, _ in good], clips, failed
 
 
-def _loader(dataset: Dataset, recipe: TrainClip, batches: list[list[int]], *, seed: int, epoch: int, stream: int,
-            workers: int) -> DataLoader:
+@dataclasses.dataclass(frozen=True)
+class _Schedule:
+    """Every batch this process loads, in the order the run uses them, from (epoch, step) to the end: each
+    epoch's training batches, then its precise-BN batches (``precise`` of them). Lazy, so that one set of
+    DataLoader workers serves the whole run and loads the next epoch's first batches while this one ends."""
+
+    n: int
+    batch_size: int
+    seed: int
+    epoch: int
+    step: int
+    epochs: int
+    precise: int
+    rank: int
+    world: int
+
+    def __iter__(self):
+        per_rank = self.batch_size // self.world
+        first = self.step
+        for epoch in range(self.epoch, self.epochs):
+            parts = [(_CLIP, epoch_batches(self.n, self.batch_size, seed=self.seed, epoch=epoch)[first:])]
+            if self.precise:
+                precise = epoch_batches(self.n, self.batch_size, seed=self.seed, epoch=epoch, stream=_PRECISE_ORDER)
+                parts.append((_PRECISE_CLIP, precise[:self.precise]))
+            for stream, batches in parts:
+                for b in batches:
+                    yield [(epoch, stream, i) for i in b[self.rank * per_rank:(self.rank + 1) * per_rank]]
+            first = 0
+
+
+def _loader(dataset: Dataset, recipe: TrainClip, schedule: _Schedule, *, workers: int) -> DataLoader:
+    """The batches of ``schedule`` as (list indices, clips or None, [(index, why it failed)])."""
     if workers:
         release_freed_memory()  # the workers fork when the loader is iterated
-    return DataLoader(_Clips(dataset, recipe, seed, epoch, stream), batch_sampler=batches, collate_fn=_collate,
+    return DataLoader(_Clips(dataset, recipe, schedule.seed), batch_sampler=schedule, collate_fn=_collate,
                       num_workers=workers, prefetch_factor=2 if workers else None, worker_init_fn=_worker_init)
 
 
@@ -467,89 +501,96 @@ def _run(net, dataset, val_set, view_set, clips, solver, identity, state, start,
     scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
     last_save = time.monotonic()
     summary: dict = {}
-    while epoch < epochs:
-        batches = epoch_batches(len(dataset), batch_size, seed=seed, epoch=epoch)
-        mine = [b[rank * per_rank:(rank + 1) * per_rank] for b in batches[first_step:]]
-        loader = _loader(dataset, clips, mine, seed=seed, epoch=epoch, stream=_CLIP, workers=workers)
-        bar = tqdm(total=steps, initial=first_step, unit="step", disable=not progress, dynamic_ncols=True,
-                   desc=f"epoch {epoch + 1}/{epochs}", file=sys.stderr)
-        # loss x clips, right, clips: this process's since the epoch began; rank 0 also holds what every
-        # process had done before the checkpoint a resumed run starts from.
-        totals = np.array(state["totals"]) if state and first_step and rank == 0 else np.zeros(3)
-        started = time.perf_counter()
-        try:
-            for step, (indices, x, bad) in enumerate(loader, first_step):
-                for i, reason in bad:
-                    if str(i) not in failed:
-                        failed[str(i)] = reason
-                        log(f"skipped (not decodable): {reason}")
-                _stop_if_most_fail(failed, dataset, epoch, step, batch_size)
-                lr = lr_at(solver, epoch + step / steps)
-                set_lr(optimizer, lr)
-                tick = time.perf_counter()
-                loss, right = _step(ddp, optimizer, x, [dataset.samples[i].label for i in indices], autocast=autocast,
-                                    scaler=scaler, seed=_step_seed(seed, epoch, step, rank), device=device,
-                                    memory_format=memory_format, world=world,
-                                    shape=(3, clips.frames, clips.crop, clips.crop))
-                n = 0 if x is None else len(indices)
-                totals += (loss * n, right, n)
-                clips_now = n
-                if world > 1:  # the step's loss over the global batch, as one process would log it
-                    both = torch.tensor([loss * n, n], dtype=torch.float64)
-                    dist.all_reduce(both)
-                    loss, clips_now = (both[0] / both[1]).item() if both[1] else 0.0, int(both[1])
-                rate = clips_now / max(time.perf_counter() - tick, 1e-9)
-                bar.update(1)
-                bar.set_postfix_str(f"loss {loss:.3f} lr {lr:.3g} {rate:.1f} clips/s", refresh=False)
+    # One loader for the whole run: its workers fork once, while the heap is small (a fork after the first
+    # steps would share the memory malloc keeps, see keep_freed_memory), and load the next epoch's first
+    # batches during precise BN, validation and the checkpoints.
+    precise_steps = min(precise_bn_batches, steps) if _tracks_bn(net) else 0
+    schedule = _Schedule(len(dataset), batch_size, seed, epoch, first_step, epochs, precise_steps, rank, world)
+    batches = iter(_loader(dataset, clips, schedule, workers=workers) if epoch < epochs else ())
+    try:
+        while epoch < epochs:
+            bar = tqdm(total=steps, initial=first_step, unit="step", disable=not progress, dynamic_ncols=True,
+                       desc=f"epoch {epoch + 1}/{epochs}", file=sys.stderr)
+            # loss x clips, right, clips: this process's since the epoch began; rank 0 also holds what every
+            # process had done before the checkpoint a resumed run starts from.
+            totals = np.array(state["totals"]) if state and first_step and rank == 0 else np.zeros(3)
+            started = time.perf_counter()
+            try:
+                for step, (indices, x, bad) in enumerate(itertools.islice(batches, steps - first_step), first_step):
+                    for i, reason in bad:
+                        if str(i) not in failed:
+                            failed[str(i)] = reason
+                            log(f"skipped (not decodable): {reason}")
+                    _stop_if_most_fail(failed, dataset, epoch, step, batch_size)
+                    lr = lr_at(solver, epoch + step / steps)
+                    set_lr(optimizer, lr)
+                    tick = time.perf_counter()
+                    labels = [dataset.samples[i].label for i in indices]
+                    loss, right = _step(ddp, optimizer, x, labels, autocast=autocast, scaler=scaler,
+                                        seed=_step_seed(seed, epoch, step, rank), device=device,
+                                        memory_format=memory_format, world=world,
+                                        shape=(3, clips.frames, clips.crop, clips.crop))
+                    n = 0 if x is None else len(indices)
+                    totals += (loss * n, right, n)
+                    clips_now = n
+                    if world > 1:  # the step's loss over the global batch, as one process would log it
+                        both = torch.tensor([loss * n, n], dtype=torch.float64)
+                        dist.all_reduce(both)
+                        loss, clips_now = (both[0] / both[1]).item() if both[1] else 0.0, int(both[1])
+                    rate = clips_now / max(time.perf_counter() - tick, 1e-9)
+                    bar.update(1)
+                    bar.set_postfix_str(f"loss {loss:.3f} lr {lr:.3g} {rate:.1f} clips/s", refresh=False)
+                    if rank == 0:
+                        _append(out, {"type": "step", "epoch": epoch + 1, "step": step + 1, "lr": lr,
+                                      "loss": round(loss, 6), "clips": clips_now, "clips_per_s": round(rate, 3)})
+                    due = checkpoint_minutes and time.monotonic() - last_save > 60 * checkpoint_minutes
+                    if due and step + 1 < steps:
+                        _checkpoint(out, net, optimizer, epoch, step + 1, best, failed, rank, world, totals)
+                        last_save = time.monotonic()
+            except KeyboardInterrupt:
                 if rank == 0:
-                    _append(out, {"type": "step", "epoch": epoch + 1, "step": step + 1, "lr": lr, "loss": round(loss, 6),
-                                  "clips": clips_now, "clips_per_s": round(rate, 3)})
-                if checkpoint_minutes and time.monotonic() - last_save > 60 * checkpoint_minutes and step + 1 < steps:
-                    _checkpoint(out, net, optimizer, epoch, step + 1, best, failed, rank, world, totals)
-                    last_save = time.monotonic()
-        except KeyboardInterrupt:
+                    log(f"{out}: interrupted; the same command with --resume goes on from its last checkpoint")
+                raise
+            finally:
+                bar.close()
+            first_step = 0
+            train_loss, train_top1 = _reduce(totals, world)
+            used = 0
+            if precise_steps:
+                part = itertools.islice(batches, precise_steps)
+                with autocast:  # the model itself, not DDP (which would broadcast rank 0's statistics at each forward)
+                    used = precise_bn(net, _everywhere(part, device, world), limit=precise_steps)
+                collections.deque(part, maxlen=0)  # what it left: the next epoch's batches follow
+            metrics = None
+            if rank == 0 and val_set is not None:
+                net.eval()
+                if workers:
+                    release_freed_memory()  # validate's workers fork
+                metrics = validate(_OnDevice(net, device), val_set, view_set, batch_size=max(per_rank, 1),
+                                   workers=workers, progress=progress)
+                _train_mode(net, freeze)
+            epoch += 1
+            top1 = None if metrics is None else metrics["top1"]
+            improved = top1 is not None and (best is None or top1 > best)
+            best = top1 if improved else best
+            summary = {"type": "epoch", "epoch": epoch, "train_loss": train_loss, "train_top1": train_top1,
+                       "val_top1": top1, "val_top5": None if metrics is None else metrics["top5"],
+                       "val_mean_class_accuracy": None if metrics is None else metrics["mean_class_accuracy"],
+                       "val_failed": None if metrics is None else metrics["failed"], "skipped_videos": len(failed),
+                       "precise_bn_batches": used, "lr": lr_at(solver, epoch),
+                       "time_s": round(time.perf_counter() - started, 2), "best_val_top1": best}
             if rank == 0:
-                log(f"{out}: interrupted; the same command with --resume goes on from its last checkpoint")
-            raise
-        finally:
-            bar.close()
-        first_step = 0
-        train_loss, train_top1 = _reduce(totals, world)
-        used = 0
-        if precise_bn_batches:
-            precise = epoch_batches(len(dataset), batch_size, seed=seed, epoch=epoch, stream=_PRECISE_ORDER)
-            precise = [b[rank * per_rank:(rank + 1) * per_rank] for b in precise[:precise_bn_batches]]
-            loader = _loader(dataset, clips, precise, seed=seed, epoch=epoch, stream=_PRECISE_CLIP, workers=workers)
-            with autocast:  # the model itself, not DDP (which would broadcast rank 0's statistics at each forward)
-                used = precise_bn(net, _everywhere(loader, device, world), limit=precise_bn_batches)
-        metrics = None
-        if rank == 0 and val_set is not None:
-            net.eval()
-            if workers:
-                release_freed_memory()  # validate's workers fork
-            metrics = validate(_OnDevice(net, device), val_set, view_set, batch_size=max(per_rank, 1),
-                               workers=workers, progress=progress)
-            _train_mode(net, freeze)
-        epoch += 1
-        top1 = None if metrics is None else metrics["top1"]
-        improved = top1 is not None and (best is None or top1 > best)
-        best = top1 if improved else best
-        summary = {"type": "epoch", "epoch": epoch, "train_loss": train_loss, "train_top1": train_top1,
-                   "val_top1": top1, "val_top5": None if metrics is None else metrics["top5"],
-                   "val_mean_class_accuracy": None if metrics is None else metrics["mean_class_accuracy"],
-                   "val_failed": None if metrics is None else metrics["failed"], "skipped_videos": len(failed),
-                   "precise_bn_batches": used, "lr": lr_at(solver, epoch), "time_s": round(time.perf_counter() - started, 2),
-                   "best_val_top1": best}
-        if rank == 0:
-            _append(out, summary)
-            log(_epoch_line(summary, epochs))
-            save_checkpoint(net, out / "last.safetensors", recipe=recipe, classes=identity["classes"])
-            if improved or (val_set is None):
-                save_checkpoint(net, out / "best.safetensors", recipe=recipe, classes=identity["classes"])
-            if plot:
-                plot_curves(out / LOG, plot)
-        _checkpoint(out, net, optimizer, epoch, 0, best, failed, rank, world, np.zeros(3))
-        last_save = time.monotonic()
+                _append(out, summary)
+                log(_epoch_line(summary, epochs))
+                save_checkpoint(net, out / "last.safetensors", recipe=recipe, classes=identity["classes"])
+                if improved or (val_set is None):
+                    save_checkpoint(net, out / "best.safetensors", recipe=recipe, classes=identity["classes"])
+                if plot:
+                    plot_curves(out / LOG, plot)
+            _checkpoint(out, net, optimizer, epoch, 0, best, failed, rank, world, np.zeros(3))
+            last_save = time.monotonic()
+    finally:
+        del batches  # its workers end with it
     if not summary:  # resumed after its last epoch: nothing was left to do
         ends = [r for r in read_train_log(out / LOG) if r.get("type") == "epoch"] if rank == 0 else []
         summary = ends[-1] if ends else {}
@@ -557,10 +598,15 @@ def _run(net, dataset, val_set, view_set, clips, solver, identity, state, start,
     return summary
 
 
-def _everywhere(loader: DataLoader, device: str, world: int):
-    """The batches of ``loader`` that have clips on every process (synchronised BN's forwards are collective:
+def _tracks_bn(net: X3D) -> bool:
+    """Whether precise BN has statistics to recompute: a BN in training mode that tracks them."""
+    return any(is_bn(m) and m.track_running_stats and m.training for m in net.modules())
+
+
+def _everywhere(batches: Iterable, device: str, world: int):
+    """The batches (of ``_loader``) that have clips on every process (synchronised BN's forwards are collective:
     every process must run the same ones)."""
-    for _, x, _ in loader:
+    for _, x, _ in batches:
         present = torch.tensor([0 if x is None else 1])
         if world > 1:
             dist.all_reduce(present, op=dist.ReduceOp.MIN)
