@@ -171,6 +171,33 @@ def test_resume_after_a_kill_ends_with_the_same_weights_bit_for_bit(setup, tmp_p
     assert_one_line_error(other, "differs in solver, epochs")
 
 
+def test_ctrl_c_stops_the_run_and_its_workers_and_says_how_to_go_on(setup, tmp_path):
+    out = tmp_path / "run"
+    args = ("--epochs", "2", "--precise-bn-batches", "2", "--workers", "2")
+    proc = subprocess.Popen(train_cli(setup, out, *args), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:  # as a terminal does: the whole group
+        if (out / "train_log.jsonl").exists() and '"type": "epoch"' in (out / "train_log.jsonl").read_text():
+            os.killpg(proc.pid, signal.SIGINT)
+            break
+        time.sleep(0.01)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "Traceback" not in err, err
+    assert err.rstrip().endswith("the same command with --resume goes on from its last checkpoint\nx3dnet: interrupted")
+    for _ in range(100):  # the run's DataLoader workers end with it
+        try:
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.05)
+    else:
+        pytest.fail("a process of the interrupted run is still alive")
+    resumed = subprocess.run(train_cli(setup, out, *args, "--resume"), capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr  # from its checkpoint, or afresh if none was written yet
+    assert [r["epoch"] for r in read_train_log(out / "train_log.jsonl") if r["type"] == "epoch"] == [1, 2]
+
+
 def test_the_initial_weights_are_the_seeds(setup, tmp_path):
     """From scratch, and a new classifier when fine-tuning: drawn from --seed, not from the process (torch
     seeds every process differently), so the same command gives the same run and a run killed before its

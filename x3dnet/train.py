@@ -547,10 +547,6 @@ def _run(net, dataset, val_set, view_set, clips, solver, identity, state, start,
                     if due and step + 1 < steps:
                         _checkpoint(out, net, optimizer, epoch, step + 1, best, failed, rank, world, totals)
                         last_save = time.monotonic()
-            except KeyboardInterrupt:
-                if rank == 0:
-                    log(f"{out}: interrupted; the same command with --resume goes on from its last checkpoint")
-                raise
             finally:
                 bar.close()
             first_step = 0
@@ -589,6 +585,10 @@ def _run(net, dataset, val_set, view_set, clips, solver, identity, state, start,
                     plot_curves(out / LOG, plot)
             _checkpoint(out, net, optimizer, epoch, 0, best, failed, rank, world, np.zeros(3))
             last_save = time.monotonic()
+    except KeyboardInterrupt:  # in a step, precise BN, validation or a checkpoint (written whole or not at all)
+        if rank == 0:
+            log(f"{out}: interrupted; the same command with --resume goes on from its last checkpoint")
+        raise
     finally:
         del batches  # its workers end with it
     if not summary:  # resumed after its last epoch: nothing was left to do
