@@ -12,7 +12,7 @@ import safetensors.torch
 import torch
 import yaml
 from conftest import LAYOUT_FILES, checkpoint_path, reference_io, tiny_config
-from test_cli import assert_one_line_error, x3dnet
+from test_cli import assert_one_line_error_here
 
 from x3dnet import (
     VARIANTS,
@@ -346,8 +346,8 @@ def test_what_a_file_says_is_validated_before_it_sizes_anything(tmp_path, case):
 
 @pytest.mark.parametrize("verb", ["inspect", "predict", "convert"])
 @pytest.mark.parametrize("case", ["config null", "frames four", "cfg NUM_FRAMES 100000", "NaN weights"])
-def test_bad_metadata_is_one_line_in_every_verb(tmp_path, verb, case):
+def test_bad_metadata_is_one_line_in_every_verb(tmp_path, capsys, verb, case):
     path = BAD_METADATA[case][0](tmp_path)
     args = {"inspect": ["inspect", path], "predict": ["predict", tmp_path / "none.mp4", "--weights", path],
             "convert": ["convert", path, tmp_path / "out.safetensors", "--model", "x3d_xs"]}[verb]
-    assert_one_line_error(x3dnet(*args), f"{path}: ")
+    assert_one_line_error_here(capsys, args, f"{path}: ")

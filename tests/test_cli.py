@@ -88,11 +88,11 @@ def test_inspect_and_convert(tmp_path):
     (["convert", "{tiny_sf}", "{tmp}/x.safetensors", "--model", "x3d_q"], "unknown model 'x3d_q'"),
     (["weights", "download", "x3d_q"], "x3d_q: no published weights of that name"),
 ])
-def test_bad_input_is_one_line(args, message, tmp_path):
+def test_bad_input_is_one_line(args, message, tmp_path, capsys):
     paths = {"tiny_ptv": checkpoint_path("tiny_a", "pytorchvideo"), "tiny_sf": checkpoint_path("tiny_a", "slowfast"),
              "tmp": tmp_path}
     (tmp_path / "notes.pyth").write_text("not weights")
-    assert_one_line_error(x3dnet(*(a.format(**paths) for a in args)), message)
+    assert_one_line_error_here(capsys, [a.format(**paths) for a in args], message)
 
 
 def test_offline_download_is_one_line(monkeypatch, capsys):
@@ -138,14 +138,14 @@ def test_a_filesystem_that_refuses_writes_is_one_line(tmp_path, monkeypatch, cap
 
 @pytest.mark.parametrize("case", ["out under a file", "X3DNET_HOME a file", "synthesize into a file",
                                   "convert onto a folder", "profile --plot a folder"])
-def test_paths_that_cannot_be_written_are_one_line(tmp_path, case):
+def test_paths_that_cannot_be_written_are_one_line(tmp_path, capsys, monkeypatch, case):
     plain = tmp_path / "plain"
     plain.write_text("a file\n")
     source = checkpoint_path("tiny_a", "slowfast")
     args, env, message = {
         "out under a file": (["evaluate", "--data", source, "--out", plain / "run"], None,
                              f"{plain / 'run'}: cannot be used as the run folder"),
-        "X3DNET_HOME a file": (["weights", "download", "x3d_xs"], {**os.environ, "X3DNET_HOME": str(plain)},
+        "X3DNET_HOME a file": (["weights", "download", "x3d_xs"], {"X3DNET_HOME": str(plain)},
                                f"the weights cache {plain} (X3DNET_HOME) cannot be made"),
         "synthesize into a file": (["synthesize", plain], None, f"{plain}: exists and is not a folder"),
         "convert onto a folder": (["convert", source, tmp_path], None, "is a directory; name the checkpoint"),
@@ -160,7 +160,9 @@ def test_paths_that_cannot_be_written_are_one_line(tmp_path, case):
         (tmp_path / "list.txt").write_text("a.mp4 1\n")
         args = ["evaluate", "--data", tmp_path / "list.txt", "--weights", weights, "--classes", classes,
                 "--out", plain / "run", "--backend", "torch"]
-    assert_one_line_error(x3dnet(*args, env=env), message)
+    for name, value in (env or {}).items():
+        monkeypatch.setenv(name, value)
+    assert_one_line_error_here(capsys, args, message)
 
 
 def test_plot_paths():
@@ -212,19 +214,19 @@ def test_synthesize_twice_into_one_folder(tmp_path):
     assert len(second) == 10 and not set(first) & set(second)
 
 
-def test_convert_never_overwrites_by_surprise(tmp_path):
+def test_convert_never_overwrites_by_surprise(tmp_path, capsys):
     source = tmp_path / "a.pyth"
     shutil.copy(checkpoint_path("tiny_a", "slowfast"), source)
     original = source.read_bytes()
-    assert_one_line_error(x3dnet("convert", source, source, "--to", "slowfast", "--force"),
-                          f"{source}: is the source file")
-    assert_one_line_error(x3dnet("convert", source, tmp_path / "a.pyth.safetensors.pyth"),
-                          "a native checkpoint is a safetensors file: name it *.safetensors")
-    assert_one_line_error(x3dnet("convert", source, tmp_path / "b.safetensors", "--to", "slowfast"),
-                          "a slowfast checkpoint is a PyTorch file: name it *.pyth or *.pth or *.pt")
+    assert_one_line_error_here(capsys, ["convert", source, source, "--to", "slowfast", "--force"],
+                               f"{source}: is the source file")
+    assert_one_line_error_here(capsys, ["convert", source, tmp_path / "a.pyth.safetensors.pyth"],
+                               "a native checkpoint is a safetensors file: name it *.safetensors")
+    assert_one_line_error_here(capsys, ["convert", source, tmp_path / "b.safetensors", "--to", "slowfast"],
+                               "a slowfast checkpoint is a PyTorch file: name it *.pyth or *.pth or *.pt")
     assert source.read_bytes() == original
     (tmp_path / "b.safetensors").write_text("keep me\n")
-    assert_one_line_error(x3dnet("convert", source, tmp_path / "b.safetensors"), "exists already; add --force")
+    assert_one_line_error_here(capsys, ["convert", source, tmp_path / "b.safetensors"], "exists already; add --force")
     assert (tmp_path / "b.safetensors").read_text() == "keep me\n"
     old = os.umask(0o027)
     try:

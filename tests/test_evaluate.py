@@ -19,7 +19,7 @@ import pytest
 import torch
 from conftest import checkpoint_path, tiny_config
 from synth import damage, size_change_video, write_video
-from test_cli import assert_one_line_error, x3dnet
+from test_cli import assert_one_line_error, assert_one_line_error_here, x3dnet
 from test_predict import TINY_RECIPE
 
 from x3dnet import X3D, load_weights, save_checkpoint
@@ -263,21 +263,21 @@ def test_a_resumed_run_must_be_the_same_evaluation(setup, tmp_path):
     assert_one_line_error(result, "the run there differs in recipe")
 
 
-def test_bad_input_is_one_line(setup, tmp_path):
+def test_bad_input_is_one_line(setup, tmp_path, capsys):
     _, weights, data = setup
     (tmp_path / "bad.txt").write_text("a.mp4 1\nb.mp4 moving sideways\n")
     base = ("--classes", data.classes, "--weights", weights, "--out", tmp_path / "o", "--backend", "torch")
-    assert_one_line_error(x3dnet("evaluate", "--data", tmp_path / "bad.txt", *base),
-                          f"{tmp_path / 'bad.txt'}:2: unknown label 'sideways'")
-    assert_one_line_error(x3dnet("evaluate", "--data", data.slowfast, "--weights", weights, "--out", tmp_path / "o"),
-                          "the model has 10 classes, not Kinetics-400's 400: name them with --classes FILE")
+    assert_one_line_error_here(capsys, ["evaluate", "--data", tmp_path / "bad.txt", *base],
+                               f"{tmp_path / 'bad.txt'}:2: unknown label 'sideways'")
+    assert_one_line_error_here(capsys, ["evaluate", "--data", data.slowfast, "--weights", weights, "--out", tmp_path / "o"],
+                               "the model has 10 classes, not Kinetics-400's 400: name them with --classes FILE")
     (tmp_path / "five.txt").write_text("a\nb\nc\nd\ne\n")
-    assert_one_line_error(x3dnet("evaluate", "--data", data.slowfast, "--classes", tmp_path / "five.txt",
-                                 "--weights", weights, "--out", tmp_path / "o"),
-                          "five.txt: 5 class names for a model with 10 classes")
+    assert_one_line_error_here(capsys, ["evaluate", "--data", data.slowfast, "--classes", tmp_path / "five.txt",
+                                        "--weights", weights, "--out", tmp_path / "o"],
+                               "five.txt: 5 class names for a model with 10 classes")
     (tmp_path / "file").write_text("")
-    assert_one_line_error(x3dnet("evaluate", "--data", data.slowfast, *base[:4], "--out", tmp_path / "file"),
-                          "file: exists and is not a folder")
+    assert_one_line_error_here(capsys, ["evaluate", "--data", data.slowfast, *base[:4], "--out", tmp_path / "file"],
+                               "file: exists and is not a folder")
     result = x3dnet("evaluate", "--data", data.slowfast, *base[:4], "--workers", "-1")
     assert result.returncode == 2 and "expected 0 or a positive integer, not '-1'" in result.stderr
 
