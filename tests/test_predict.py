@@ -12,10 +12,10 @@ import torch
 import torch.nn.functional as F
 from conftest import checkpoint_path, tiny_config
 from synth import MEAN, STD, damage, size_change_video, write_video
-from test_cli import x3dnet
+from test_cli import assert_one_line_error_here, x3dnet
 from test_views import reference_pts
 
-from x3dnet import X3D, Recipe, load_weights, save_checkpoint
+from x3dnet import X3D, Recipe, cli, load_weights, save_checkpoint
 from x3dnet.predict import kinetics400_classes
 from x3dnet.views import view_recipe
 
@@ -152,19 +152,19 @@ def test_bad_videos_get_one_line_each_and_the_others_are_predicted(tiny, clip_vi
     assert [json.loads(line)["video"] for line in result.stdout.splitlines()] == [str(clip_video)]
 
 
-def test_bad_flags_and_weights(tiny, clip_video, tmp_path):
+def test_bad_flags_and_weights(tiny, clip_video, tmp_path, capsys):
     _, weights = tiny
-    result = x3dnet("predict", clip_video, "--weights", tmp_path / "none.pyth")
-    assert result.returncode == 1 and "no such file, and no published weights" in result.stderr
-    result = x3dnet("predict", clip_video, "--weights", checkpoint_path("tiny_a", "pytorchvideo"))
-    assert result.returncode == 1 and "name it with --model" in result.stderr
-    result = x3dnet("predict", clip_video, "--weights", weights, "--device", "cuda")
+    assert_one_line_error_here(capsys, ["predict", clip_video, "--weights", tmp_path / "none.pyth"],
+                               "no such file, and no published weights")
+    assert_one_line_error_here(capsys, ["predict", clip_video, "--weights", checkpoint_path("tiny_a", "pytorchvideo")],
+                               "name it with --model")
     if not torch.cuda.is_available():
-        assert result.returncode == 1 and "CUDA is not available" in result.stderr
-    result = x3dnet("predict", clip_video, "--weights", weights, "--views", 5)
-    assert result.returncode == 2 and "invalid choice" in result.stderr
-    result = x3dnet("predict", clip_video, "--weights", weights, "--top", 0)
-    assert result.returncode == 2 and "positive integer" in result.stderr
+        assert_one_line_error_here(capsys, ["predict", clip_video, "--weights", weights, "--device", "cuda"],
+                                   "CUDA is not available")
+    for flags, message in ((["--views", "5"], "invalid choice"), (["--top", "0"], "positive integer")):
+        with pytest.raises(SystemExit) as exited:  # argparse's usage error
+            cli.main(["predict", str(clip_video), "--weights", str(weights), *flags])
+        assert exited.value.code == 2 and message in capsys.readouterr().err
 
 
 def test_damaged_changing_and_still_inputs(tiny, clip_video, tmp_path):
