@@ -14,7 +14,7 @@ import pytest
 import safetensors.torch
 import torch
 from conftest import tiny_config
-from test_cli import assert_one_line_error, assert_one_line_error_here, tiny_native, x3dnet
+from test_cli import assert_one_line_error_here, tiny_native, x3dnet
 from test_predict import TINY_RECIPE
 
 from x3dnet import X3D, load_checkpoint, save_checkpoint
@@ -40,11 +40,15 @@ def setup(tmp_path_factory):
     return root, weights, classes, train, val
 
 
-def train_cli(setup, out, *extra, val=True):
+def train_args(setup, out, *extra, val=True):
     _, weights, _, train, val_set = setup
-    return [sys.executable, "-m", "x3dnet", "train", "--data", str(train.videos),
-            *(["--val", str(val_set.videos)] if val else []), "--weights", str(weights), "--out", str(out),
-            "--no-progress", "--batch-size", "8", "--workers", "1", *map(str, extra)]
+    return ["train", "--data", str(train.videos), *(["--val", str(val_set.videos)] if val else []),
+            "--weights", str(weights), "--out", str(out), "--no-progress", "--batch-size", "8", "--workers", "1",
+            *map(str, extra)]
+
+
+def train_cli(setup, out, *extra, val=True):
+    return [sys.executable, "-m", "x3dnet", *train_args(setup, out, *extra, val=val)]
 
 
 def state_of(path):
@@ -137,7 +141,7 @@ def test_a_run_trains_writes_its_folder_and_its_checkpoints_name_the_classes(set
     assert metrics["top1"] == pytest.approx(best_epoch["val_top1"])
 
 
-def test_resume_after_a_kill_ends_with_the_same_weights_bit_for_bit(setup, tmp_path):
+def test_resume_after_a_kill_ends_with_the_same_weights_bit_for_bit(setup, tmp_path, capsys):
     # Dropout on: its masks must come back the same too. Checkpoints after every step (10 s of 0.0001 min).
     args = ("--epochs", "2", "--lr", "0.02", "--checkpoint-minutes", "0.0001", "--precise-bn-batches", "2")
     whole = subprocess.run(train_cli(setup, tmp_path / "whole", *args, val=False), capture_output=True, text=True)
@@ -157,8 +161,8 @@ def test_resume_after_a_kill_ends_with_the_same_weights_bit_for_bit(setup, tmp_p
         f.write('{"type": "step", "epo')  # a line torn by the kill
     saved = json.loads(safetensors.safe_open(str(out / "state.safetensors"), "pt").metadata()["x3dnet.train_state"])
     assert saved["epoch"] == 1 and 0 < saved["step"] < 5  # a checkpoint within the second epoch
-    again = subprocess.run(train_cli(setup, out, *args, val=False), capture_output=True, text=True)
-    assert_one_line_error(again, "holds a training run already; add --resume")
+    assert_one_line_error_here(capsys, train_args(setup, out, *args, val=False),
+                               "holds a training run already; add --resume")
     resumed = subprocess.run(train_cli(setup, out, *args, "--resume", val=False), capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
     assert f"resuming at epoch 2, step {saved['step']}" in resumed.stderr
@@ -166,9 +170,8 @@ def test_resume_after_a_kill_ends_with_the_same_weights_bit_for_bit(setup, tmp_p
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert (read_train_log(out / "train_log.jsonl") == read_train_log(tmp_path / "whole" / "train_log.jsonl")
             or _same_but_timing(out, tmp_path / "whole"))
-    other = subprocess.run(train_cli(setup, out, *args, "--epochs", "3", "--resume", val=False),
-                           capture_output=True, text=True)
-    assert_one_line_error(other, "differs in solver, epochs")
+    assert_one_line_error_here(capsys, train_args(setup, out, *args, "--epochs", "3", "--resume", val=False),
+                               "differs in solver, epochs")
 
 
 def test_ctrl_c_stops_the_run_and_its_workers_and_says_how_to_go_on(setup, tmp_path):
