@@ -553,10 +553,7 @@ def _run(net, dataset, val_set, view_set, clips, solver, identity, state, start,
             train_loss, train_top1 = _reduce(totals, world)
             used = 0
             if precise_steps:
-                part = itertools.islice(batches, precise_steps)
-                with autocast:  # the model itself, not DDP (which would broadcast rank 0's statistics at each forward)
-                    used = precise_bn(net, _everywhere(part, device, world), limit=precise_steps)
-                collections.deque(part, maxlen=0)  # what it left: the next epoch's batches follow
+                used = _precise_pass(net, batches, precise_steps, autocast=autocast, device=device, world=world)
             metrics = None
             if rank == 0 and val_set is not None:
                 net.eval()
@@ -596,6 +593,16 @@ def _run(net, dataset, val_set, view_set, clips, solver, identity, state, start,
         summary = ends[-1] if ends else {}
         log(f"{out}: the run had finished all {epochs} epochs already")
     return summary
+
+
+def _precise_pass(net: X3D, batches, n: int, *, autocast, device: str, world: int) -> int:
+    """Precise BN over the next ``n`` batches of ``batches``, all of them taken (the next epoch's follow);
+    the batches used."""
+    part = itertools.islice(batches, n)
+    with autocast:  # the model itself, not DDP (which would broadcast rank 0's statistics at each forward)
+        used = precise_bn(net, _everywhere(part, device, world), limit=n)
+    collections.deque(part, maxlen=0)
+    return used
 
 
 def _tracks_bn(net: X3D) -> bool:
