@@ -645,7 +645,7 @@ def cpu_bf16_refused() -> str | None:
     """Why this CPU may not train in bf16, or None where it may: it needs bf16 units (AVX-512 BF16), and
     a CPU with AMX is refused, since with torch 2.13 on an Intel Xeon with AMX X3D-XS's bf16 autocast
     backward crashed or hung in 3 of 3 runs. On an AMD EPYC (Zen 5: AVX-512 BF16, no AMX) it trained
-    X3D-S 1.25-1.5x as fast as fp32 (benchmarks/bench_train.py). torch's own probes: the tests fake them."""
+    X3D-S 1.0-1.5x as fast as fp32 (benchmarks/bench_train.py; runs vary). torch's own probes: the tests fake them."""
     if not torch.cpu._is_avx512_bf16_supported():
         return "it has no bf16 units (AVX-512 BF16)"
     if torch.cpu._is_amx_tile_supported():
