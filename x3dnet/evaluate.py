@@ -129,6 +129,12 @@ def evaluate(
             dist.destroy_process_group()
 
 
+def process_group_backend(cuda: bool) -> str:
+    """torch.distributed's backend: gloo on CPUs; on CUDA nccl for CUDA tensors (DDP's gradients, synchronised
+    BN) and gloo for the CPU tensors that train's bookkeeping sums (losses, counts), which nccl alone refuses."""
+    return "cpu:gloo,cuda:nccl" if cuda else "gloo"
+
+
 def _distributed(device: str) -> tuple[int, int, int, int, bool]:
     """(rank, world size, local rank, local world size, whether this call started the process group)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -142,7 +148,7 @@ def _distributed(device: str) -> tuple[int, int, int, int, bool]:
             torch.cuda.set_device(local_rank)
         # Ranks wait for each other at the start (rank 0 may be downloading weights) and at the end (the
         # last shard may take longer): far beyond the default half hour on a large list.
-        dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(hours=12))
+        dist.init_process_group(process_group_backend(cuda), timeout=timedelta(hours=12))
     return dist.get_rank(), dist.get_world_size(), local_rank, local_world, owned
 
 
