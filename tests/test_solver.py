@@ -90,53 +90,84 @@ def test_three_steps_with_the_fast_channelwise_backward_too(case, channels_last,
     _three_steps(case, fast=True, channels_last=channels_last, sync_bn=sync_bn)
 
 
-def _three_steps(case: str, *, fast: bool, channels_last: bool = False, sync_bn: bool = False) -> None:
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@CUDA
+@pytest.mark.parametrize("case", CASES)
+def test_three_sgd_steps_on_cuda_give_slowfasts_weights(case):
+    """x3dnet train's model on CUDA (torch's own backward there, contiguous) in fp32 with TF32 off, as train
+    runs it: the same steps as SlowFast's, within the CPU's tolerances but one. On an H200 s2's fp32 momentum
+    buffers ended up to 1.5e-3 from SlowFast's (res3.0.bn_a; the weights within 2e-5, the first two losses
+    and all three gradient norms within 2e-6), the same with cuDNN off, deterministic or autotuned, while
+    fp64 on the GPU gave the fp32 reference's steps to 3.7e-6. Most likely (not isolated further) a gradient
+    that nearly cancels, summed in float on the GPU where torch's CPU kernels, and so SlowFast's run on a
+    CPU, accumulate floats in double. The fp64 cases hold the CPU's bounds."""
+    from x3dnet.backends import cuda_fp32
+
+    cuda_fp32()
+    _three_steps(case, fast=True, device="cuda", momentum_tolerance=5e-3 if case.endswith("fp32") else None)
+
+
+def _three_steps(case: str, *, fast: bool, channels_last: bool = False, sync_bn: bool = False,
+                 device: str = "cpu", momentum_tolerance: float | None = None) -> None:
     ref = _reference(case)
     dtype = torch.float64 if ref["dtype"] == "float64" else torch.float32
     model = fast_channelwise_backward(_tiny(ref, dtype), fast)
     fmt = torch.channels_last_3d if channels_last else torch.contiguous_format
     if sync_bn:
         convert_sync_bn(model)
-    model.to(memory_format=fmt)
+    model.to(device, memory_format=fmt)
     cfg = SolverConfig(**ref["solver"])
     opt = build_optimizer(model, cfg)
+    seen = {}  # each measured deviation, reported whole when one is too large
+    checks = []
     for k, epoch in enumerate(ref["epochs"]):
         lr = lr_at(cfg, epoch)
         assert lr == ref["lrs"][k]
         for group in opt.param_groups:
             group["lr"] = lr
         opt.zero_grad()
-        x = ref["inputs"][torch.tensor(ref["index"][k])].to(dtype).contiguous(memory_format=fmt)
+        x = ref["inputs"][torch.tensor(ref["index"][k])].to(device, dtype).contiguous(memory_format=fmt)
         logits = model(x)
-        loss = F.cross_entropy(logits, ref["labels"][k])
+        loss = F.cross_entropy(logits, ref["labels"][k].to(device))
         probe = model.stem.conv_temporal(x.new_ones(1, model.stem.conv_temporal.in_channels, 2, 2, 2))
-        assert ("_ChannelwiseConv3dFunction" in str(probe.grad_fn)) == fast
+        # The fast backward is the CPU's alone.
+        assert ("_ChannelwiseConv3dFunction" in str(probe.grad_fn)) == (fast and device == "cpu")
         assert isinstance(model.stem.bn, SyncBatchNorm3d) == sync_bn and x.is_contiguous() != channels_last
         if k == 0:  # the forward alone, before any step
             scale = ref["logits0"].abs().max().item()
-            assert (logits - ref["logits0"].to(dtype)).abs().max().item() <= 2e-6 * scale
+            seen["logits0"] = (logits.cpu() - ref["logits0"].to(dtype)).abs().max().item() / scale
+            checks.append(("logits0", 2e-6))
         loss.backward()
         norm = torch.cat([p.grad.flatten() for p in model.parameters()]).norm().item()
         if k < 2:
-            assert loss.item() == pytest.approx(ref["losses"][k], rel=2e-6)
-            assert norm == pytest.approx(ref["grad_norms"][k], rel=2e-6)
+            seen[f"loss{k}"] = abs(loss.item() / ref["losses"][k] - 1)
+            seen[f"grad_norm{k}"] = abs(norm / ref["grad_norms"][k] - 1)
+            checks += [(f"loss{k}", 2e-6), (f"grad_norm{k}", 2e-6)]
         opt.step()
     expected = to_native(ref["final_state"], "slowfast")
-    ours = model.state_dict()
+    ours = {k: v.cpu() for k, v in model.state_dict().items()}
     assert ours.keys() == expected.keys()
     tol = FINAL_TOLERANCE[case]
     for name, value in expected.items():
         if value.is_floating_point():
             scale = value.abs().max().clamp_min(1e-3)
-            assert ((ours[name] - value).abs().max() / scale).item() <= tol, name
+            seen[name] = ((ours[name] - value).abs().max() / scale).item()
+            checks.append((name, tol))
         else:
             assert torch.equal(ours[name], value), name  # num_batches_tracked
     momentum = to_native(ref["momentum_buffers"], "slowfast")
     params = dict(model.named_parameters())
     assert momentum.keys() == params.keys()
     for name, buffer in momentum.items():
-        got = opt.state[params[name]]["momentum_buffer"]
-        assert ((got - buffer).abs().max() / buffer.abs().max().clamp_min(1e-3)).item() <= 5 * tol, name
+        got = opt.state[params[name]]["momentum_buffer"].cpu()
+        seen[f"momentum {name}"] = ((got - buffer).abs().max() / buffer.abs().max().clamp_min(1e-3)).item()
+        checks.append((f"momentum {name}", momentum_tolerance or 5 * tol))
+    worst = {k: seen[k] for k in sorted(seen, key=seen.get, reverse=True)[:4]}
+    print(f"{case} on {device}: largest relative deviations {worst}")
+    over = [f"{name} {seen[name]:.3g} > {limit:.3g}" for name, limit in checks if seen[name] > limit]
+    assert not over, f"{case} on {device}: " + "; ".join(over)
 
 
 @pytest.mark.parametrize(

@@ -82,6 +82,18 @@ def test_every_step_matches_co3d(tiny_a, co3d, case):
     torch.testing.assert_close(both, expected, atol=1e-5, rtol=0)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("se,fill", [("frame", "zeros"), ("clip", "replicate")])
+def test_cuda_steps_are_the_cpus(tiny_a, se, fill):
+    frames = moving_frames(40)
+    cpu = steps(StreamingX3D(tiny_a, pool_frames=3, se=se, fill=fill), frames)
+    gpu = steps(StreamingX3D(tiny_a, pool_frames=3, se=se, fill=fill, device="cuda"), frames)
+    assert [g is None for g in gpu] == [c is None for c in cpu] and cpu[-1] is not None
+    for c, g in zip(cpu, gpu, strict=True):
+        if c is not None:
+            torch.testing.assert_close(g.cpu().softmax(1), c.softmax(1), atol=1e-5, rtol=0)
+
+
 # co3d's delay / receptive field for frame SE pool T, clip SE pool T, frame SE pool 64, clip SE pool 64.
 CO3D_TABLE = {
     "x3d_xs": [(31, 60), (76, 105), (91, 120), (1036, 1065)],

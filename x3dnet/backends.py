@@ -54,6 +54,14 @@ class Engine:
         return f"{self.backend} {self.precision} on {self.device}"
 
 
+def cuda_fp32() -> None:
+    """fp32 on CUDA means fp32: no TF32, PyTorch's default for cuDNN's convolutions (it rounds their inputs to
+    10-bit mantissas). With it X3D's probabilities moved by 1e-3 on an H100, which the parity checks rightly
+    refuse. Process-wide flags: inference, streaming and fp32 training set them."""
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+
+
 class TorchEngine(Engine):
     """Eager PyTorch; bf16/fp16 by autocast."""
 
@@ -63,10 +71,7 @@ class TorchEngine(Engine):
         if self.threads:
             torch.set_num_threads(self.threads)  # process-wide: torch has no per-model setting
         if self.cuda and self.precision == "fp32":
-            # fp32 means fp32: TF32 convolutions (PyTorch's default for cuDNN) moved X3D's probabilities
-            # by 1e-3 on an H100, which the parity check rightly refuses. Process-wide flags.
-            torch.backends.cudnn.allow_tf32 = False
-            torch.backends.cuda.matmul.allow_tf32 = False
+            cuda_fp32()
 
     @property
     def cuda(self) -> bool:

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-from .backends import FP32_LOG_TOLERANCE, FP32_TOLERANCE, check_device, installed
+from .backends import FP32_LOG_TOLERANCE, FP32_TOLERANCE, check_device, cuda_fp32, installed
 from .errors import BackendError, ConfigError
 from .model import X3D, Block, fold_batchnorm
 from .recipe import Recipe
@@ -197,6 +197,8 @@ class StreamingX3D:
         if stages > 1 and backend != "openvino":
             raise ConfigError("stages: only the openvino stream runs in stages")
         check_device(device)
+        if torch.device(device).type == "cuda":
+            cuda_fp32()  # the stream runs in fp32: its steps must equal the clip network's
         self.config, self.pool_frames, self.se, self.fill, self.device = config, pool, se, fill, device
         self.net = fold_batchnorm(model).float().to(device)
         blocks = _blocks(self.net)
