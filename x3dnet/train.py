@@ -267,7 +267,8 @@ def train(
     on the CPU, where X3D-XS trained 1.23x and X3D-S 1.21x as fast in it (AMD EPYC, bench_train.py), and
     not on CUDA (where channels-last 3-D inference was 2.5x slower). It rounds differently from the
     contiguous layout, so a resumed run keeps the layout it started with. On the CPU it has glibc's malloc
-    keep freed memory, for the whole process (``keep_freed_memory``). ``precision``: ``fp32``; ``bf16``
+    keep freed memory, for the whole process (``keep_freed_memory``); on CUDA it has cuDNN autotune, with
+    TF32 off in fp32, and pins the clips (process-wide flags too). ``precision``: ``fp32``; ``bf16``
     (autocast) on CUDA and on a CPU that ``cpu_bf16_refused`` allows; ``fp16`` (with a grad scaler) on CUDA.
     """
     log = log or (lambda line: print(line, file=sys.stderr, flush=True))
