@@ -7,7 +7,9 @@
 # training against the original's outputs and the CPU's); benchmarks/bench_train.py on the GPU (model-only
 # clips/s in fp32, TF32, autotuned, channels-last, bf16, fp16, and x3dnet train's whole pipeline with WORKERS
 # DataLoader workers); and the fixed learn command on the GPU, timed. Each part has its own time
-# limit, so one that hangs leaves the others their time. Logs go to OUT_DIR.
+# limit, so one that hangs leaves the others their time. Logs go to OUT_DIR. It needs x3dnet importable
+# (PYTHONPATH=. will do) with its dependencies, PyAV included: on a machine without a package index, carry
+# PyAV's wheel and pip install it first (an H200 session did: torch 2.11 there, av 18.1.0).
 set -u
 out=${1:?usage: tools/cuda_checks.sh OUT_DIR [WORKERS]}
 workers=${2:-$(($(nproc) - 2))}
