@@ -350,7 +350,8 @@ def test_cuda_trains_as_the_cpu_does_in_fp32_and_near_it_in_bf16_and_fp16(setup,
 @CUDA
 def test_the_cuda_process_group_carries_trains_cpu_and_cuda_tensors(tmp_path):
     """torchrun on CUDA: nccl carries DDP's and synchronised BN's CUDA tensors and gloo the CPU tensors of
-    train's bookkeeping (nccl alone refuses those: a multi-GPU run failed at its first step's loss)."""
+    train's bookkeeping (nccl alone refuses those, as the second half shows: a multi-GPU run would have
+    stopped at its first step's loss; none was made, one GPU was lent)."""
     import torch.distributed as dist
 
     from x3dnet.evaluate import _broadcast, process_group_backend
