@@ -99,7 +99,8 @@ def test_three_sgd_steps_on_cuda_give_slowfasts_weights(case):
     """x3dnet train's model on CUDA (torch's own backward there, contiguous) in fp32 with TF32 off, as train
     runs it: the same steps as SlowFast's, within the CPU's tolerances but one. On an H200 s2's fp32 momentum
     buffers ended up to 1.5e-3 from SlowFast's (res3.0.bn_a; the weights within 2e-5, the first two losses
-    and all three gradient norms within 2e-6), the same with cuDNN off, deterministic or autotuned, while
+    and all three gradient norms within 2e-6), the same with cuDNN off, deterministic or autotuned
+    (tools/solver_steps_report.py --device cuda), while
     fp64 on the GPU gave the fp32 reference's steps to 3.7e-6. Most likely (not isolated further) a gradient
     that nearly cancels, summed in float on the GPU where torch's CPU kernels, and so SlowFast's run on a
     CPU, accumulate floats in double. The fp64 cases hold the CPU's bounds."""
