@@ -1,6 +1,6 @@
 """``x3dnet train`` throughput against the model alone, and (``--learn``) whether it learns.
 
-    python benchmarks/bench_train.py [--models x3d_xs x3d_s] [--workers 2] [--steps 10] [--device cuda]
+    python benchmarks/bench_train.py [--models x3d_xs x3d_s] [--workers 2] [--steps 10] [--device cuda] [--kinds KIND ...]
     python benchmarks/bench_train.py --learn [--folder D] [--device cuda] [--train-flags --lr 0.1 ...]
 
 Default: per model, in one run, training clips per second (forward + backward + SGD step, batch 8, eager
@@ -172,6 +172,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, help="timed model-only steps (default 8; on CUDA 40)")
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]: model-only and the pipeline there")
     parser.add_argument("--videos", type=int, default=48, help="videos the pipeline trains on (default 48)")
+    parser.add_argument("--kinds", nargs="*", metavar="KIND",
+                        help="the ratio columns to measure (default all of KINDS, or CUDA_KINDS on CUDA; none: only "
+                             "model-only and the pipeline)")
     parser.add_argument("--learn", action="store_true", help="run the learning check instead")
     parser.add_argument("--folder", help="where --learn writes (default: a temporary folder)")
     parser.add_argument("--train-flags", nargs=argparse.REMAINDER, default=[],
@@ -184,6 +187,10 @@ def main() -> None:
     cuda = args.device.startswith("cuda")
     args.steps = args.steps or (40 if cuda else 8)
     kinds = CUDA_KINDS if cuda else KINDS
+    if args.kinds is not None and not args.one:
+        unknown = sorted(set(args.kinds) - set(kinds))
+        if unknown:
+            parser.error(f"--kinds: unknown {', '.join(unknown)} (known on {args.device}: {', '.join(kinds)})")
     if args.one:
         kind, name = args.one
         if kind == "pipeline":
@@ -215,7 +222,7 @@ def main() -> None:
             row = {"model": name, "model_only": round(alone, 2), "pipeline": round(full, 2),
                    "pipeline/model_only": round(full / alone, 3)}
             for kind in kinds:
-                if kind == "fp32" or (kind == "bf16" and not cuda and cpu_bf16_refused()):
+                if kind == "fp32" or (args.kinds is not None and kind not in args.kinds) or (kind == "bf16" and not cuda and cpu_bf16_refused()):
                     continue
                 row[f"{kind}/model_only"] = round(_measure(kind, name, args) / alone, 3)
             print(json.dumps(row), flush=True)
