@@ -24,7 +24,7 @@ import openvino as ov
 import torch
 
 from x3dnet import create_model
-from x3dnet.backends import cpu_units, create_engine, export_onnx, pick_backend, supported
+from x3dnet.backends import cpu_units, create_engine, export_onnx, openvino_core, pick_backend, supported
 from x3dnet.profile import count_macs, cpu_name
 
 
@@ -64,7 +64,7 @@ def main() -> None:
             engine = create_engine(model, backend=backend, precision=precision)
             runners[label] = lambda e=engine, x=clip: e(x)
         with tempfile.TemporaryDirectory() as tmp:
-            core = ov.Core()
+            core = openvino_core()  # the engines' one Core: see openvino_core
             # The graph x3dnet compiles (banded), and the plain export, to show what banding gains.
             for form, banded in (("", True), (" plain", False)):
                 graph = core.read_model(str(export_onnx(model, Path(tmp) / "m.onnx", banded=banded)))

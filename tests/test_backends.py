@@ -26,6 +26,7 @@ from x3dnet.backends import (
     create_engine,
     fold_batchnorm,
     installed,
+    openvino_core,
     pick_backend,
     supported,
 )
@@ -178,11 +179,9 @@ def test_export_writes_a_checked_graph_with_a_dynamic_batch(tiny, tmp_path, fmt)
 
         scores = ort.InferenceSession(str(out)).run(None, {"clips": x.numpy()})[0]
     else:
-        import openvino as ov
-
         assert out.with_suffix(".bin").exists()
         # f32 said explicitly: on CPUs with bf16 units OpenVINO would otherwise run bf16
-        scores = ov.Core().compile_model(str(out), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})(x.numpy())[0]
+        scores = openvino_core().compile_model(str(out), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})(x.numpy())[0]
     with torch.inference_mode():
         expected = model(x).softmax(1)
     torch.testing.assert_close(torch.from_numpy(np.asarray(scores)).softmax(1), expected, atol=1e-5, rtol=0)
@@ -249,3 +248,54 @@ def test_an_export_that_fails_its_check_leaves_nothing(tiny_a, tmp_path):
     assert list(tmp_path.iterdir()) == []
     path, diff = backends.export_model(tiny_a, tmp_path / "x.onnx", format="onnx", input_shape=(4, 64, 64))
     assert path == tmp_path / "x.onnx" and diff <= 1e-4 and [p.name for p in tmp_path.iterdir()] == ["x.onnx"]
+
+
+# Builds OpenVINO engines and a two-stage OpenVINO stream the way x3dnet does, drops them in the order they
+# were made, then has children end under a Python SIGCHLD handler (as DataLoader workers and subprocesses
+# end in x3dnet's processes) and prints whether the main thread's alternate signal stack is still mapped.
+_SIGNAL_STACK_SCRIPT = """
+import ctypes, gc, signal, subprocess, sys
+from x3dnet.backends import create_engine
+from x3dnet.factory import load_model
+from x3dnet.streaming import StreamingX3D
+
+class Stack(ctypes.Structure):
+    _fields_ = [("sp", ctypes.c_void_p), ("flags", ctypes.c_int), ("size", ctypes.c_size_t)]
+
+def state():
+    s = Stack()
+    ctypes.CDLL(None).sigaltstack(None, ctypes.byref(s))
+    if s.flags & 2:  # SS_DISABLE
+        return "none"
+    for line in open("/proc/self/maps"):
+        lo, hi = (int(x, 16) for x in line.split()[0].split("-"))
+        if lo <= s.sp and s.sp + s.size <= hi:
+            return "mapped"
+    return "unmapped"
+
+model, _ = load_model(weights=sys.argv[1])
+made = [create_engine(model, backend="openvino", input_shape=(4, 48, 48)) for _ in range(2)]
+made.append(StreamingX3D(model, pool_frames=3, backend="openvino", stages=2))
+while made:
+    del made[0]
+    gc.collect()
+print(state(), flush=True)
+signal.signal(signal.SIGCHLD, lambda *_: None)
+for _ in range(3):
+    subprocess.run(["true"], check=True)
+print("children reaped", state(), flush=True)
+"""
+
+
+@pytest.mark.skipif(not installed("openvino") or not sys.platform.startswith("linux"), reason="openvino on Linux")
+def test_openvino_leaves_every_signal_handler_a_stack_to_run_on(tiny):  # noqa: F811
+    """Each OpenVINO Core makes its own CPU plugin, which swaps in an alternate signal stack of its own and
+    unmaps it when destroyed. With a Core per engine and per stream stage, dropping them in the order made
+    left the thread's alternate stack unmapped, and the next child to end killed the process with SIGSEGV
+    (si_code SI_KERNEL: the kernel could not write the handler's frame), which is what struck the test suite
+    at random. x3dnet keeps one Core for the process (``openvino_core``)."""
+    _, weights = tiny
+    done = subprocess.run([sys.executable, "-c", _SIGNAL_STACK_SCRIPT, str(weights)], capture_output=True, text=True)
+    assert done.returncode == 0, (done.returncode, done.stderr[-2000:])
+    assert done.stdout.split("\n")[:2] == ["mapped", "children reaped mapped"], done.stdout
+    assert openvino_core() is openvino_core()

@@ -16,6 +16,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 import warnings
 from pathlib import Path
 
@@ -170,6 +171,29 @@ class OnnxRuntimeEngine(Engine):
         return torch.from_numpy(self.session.run(None, {"clips": clips.float().cpu().numpy()})[0])
 
 
+_OPENVINO_LOCK = threading.Lock()
+
+
+@functools.cache
+def _openvino_core_once():
+    import openvino as ov
+
+    return ov.Core()
+
+
+def openvino_core():
+    """The process's one OpenVINO ``Core``, which every engine, stream part and export here uses and which is
+    never destroyed. Each Core makes its own CPU plugin, and each CPU plugin puts its own alternate signal
+    stack on the thread that makes it and unmaps it when destroyed, restoring the one it replaced only if
+    its own is still current. So two plugins alive at once and destroyed in the order they were made left
+    the thread's alternate stack pointing at unmapped memory (measured with OpenVINO 2026.4): the next
+    signal that Python handles there (SIGCHLD as a DataLoader worker or a subprocess ends, SIGINT) killed
+    the process with SIGSEGV, or wrote its frame into whatever had been mapped there since. One Core,
+    kept, makes one plugin."""
+    with _OPENVINO_LOCK:
+        return _openvino_core_once()
+
+
 class OpenVinoEngine(Engine):
     """The model compiled by OpenVINO for the CPU, with an inference precision hint: exported to ONNX in its
     banded form (``x3dnet.banding``; X3D-M fp32 ran 10-16% faster than the plain graph on 2 cores), compiled
@@ -181,11 +205,9 @@ class OpenVinoEngine(Engine):
 
     def __init__(self, model: X3D, *, path: Path | None = None, **kw: object):
         super().__init__(model, **kw)
-        import openvino as ov
-
         if self.device != "cpu":
             raise BackendError("openvino: x3dnet runs OpenVINO on the CPU only")
-        core = ov.Core()
+        core = openvino_core()
         with tempfile.TemporaryDirectory() as tmp:
             path = path or export_onnx(model, Path(tmp) / "x3d.onnx", input_shape=self.input_shape, banded=True)
             graph = core.read_model(str(path))
@@ -365,7 +387,7 @@ def export_openvino(
     path = Path(path).with_suffix(".xml")
     with tempfile.TemporaryDirectory() as tmp:
         onnx = export_onnx(model, Path(tmp) / "x3d.onnx", input_shape=input_shape, banded=banded)
-        graph = ov.Core().read_model(str(onnx))
+        graph = openvino_core().read_model(str(onnx))
         ov.save_model(graph, str(path), compress_to_fp16=False)  # the default halves the weights
     return path
 

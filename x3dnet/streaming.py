@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-from .backends import FP32_LOG_TOLERANCE, FP32_TOLERANCE, check_device, cuda_fp32, installed
+from .backends import FP32_LOG_TOLERANCE, FP32_TOLERANCE, check_device, cuda_fp32, installed, openvino_core
 from .errors import BackendError, ConfigError
 from .model import X3D, Block, fold_batchnorm
 from .recipe import Recipe
@@ -369,7 +369,7 @@ class _OpenVinoPart:
         self.lo, self.hi = lo, hi
         with tempfile.TemporaryDirectory() as tmp:
             path, self.keys = export_stream_onnx(stream, Path(tmp) / "step.onnx", lo, hi, buffers)
-            core = ov.Core()
+            core = openvino_core()
             graph = core.read_model(str(path))
         self.shape = tuple(graph.inputs[0].shape)
         if self.keys:
