@@ -18,8 +18,9 @@ $(STAMP): pyproject.toml
 profile: $(STAMP)
 	$(BIN)/x3dnet profile --backend torch auto --runs 5
 
+# A pytest-xdist worker per core, each computing on one thread (tests/conftest.py).
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n auto
 
 models: $(STAMP)
 	$(BIN)/x3dnet models
