@@ -11,8 +11,8 @@ import os
 from pathlib import Path
 
 # Under pytest-xdist (`make test` runs `-n auto`: a worker per core) each worker, and every x3dnet process
-# a test starts, computes on one thread: the workers already fill the cores, and two threads each on two
-# cores ran the suite 2.9x as long as one thread each (323 s against 110 s on 2 cores).
+# a test starts, computes on one thread: the workers already fill the cores. On 2 cores the suite took
+# 323 s with two threads per worker, 110-162 s with one, and 251-257 s serially (one or two threads).
 _WORKER = bool(os.environ.get("PYTEST_XDIST_WORKER"))
 if _WORKER:
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # read by OpenMP when torch loads, here and in children

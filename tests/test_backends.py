@@ -292,7 +292,7 @@ def test_openvino_leaves_every_signal_handler_a_stack_to_run_on(tiny):  # noqa: 
     """Each OpenVINO Core makes its own CPU plugin, which swaps in an alternate signal stack of its own and
     unmaps it when destroyed. With a Core per engine and per stream stage, dropping them in the order made
     left the thread's alternate stack unmapped, and the next child to end killed the process with SIGSEGV
-    (si_code SI_KERNEL: the kernel could not write the handler's frame), which is what struck the test suite
+    (si_code SI_KERNEL: the kernel found no stack to write a signal frame on), which is what struck the test suite
     at random. x3dnet keeps one Core for the process (``openvino_core``)."""
     _, weights = tiny
     done = subprocess.run([sys.executable, "-c", _SIGNAL_STACK_SCRIPT, str(weights)], capture_output=True, text=True)
